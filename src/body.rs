@@ -1,0 +1,434 @@
+//! Response (and upstream request) bodies, driven by hyper's poll: no task, no channel.
+//!
+//! - [`Body::full`]: one buffer (errors, local answers).
+//! - [`Body::chunks`]: a list of buffers sent as frames, optionally paced (the mock's streams,
+//!   spliced upstream requests that are a few slices of the client's own body).
+//! - [`Body::passthrough`]: an upstream body forwarded frame by frame as it arrives. It owns the
+//!   upstream body, so a slow client stops us reading upstream (backpressure) and a gone client
+//!   drops the upstream connection (cancellation). SSE is cut at event boundaries: whole events
+//!   go out as slices of the upstream's buffers, a trailing partial event waits for its end.
+//!   Events are only observed for usage; the one removal is the usage-only event the gateway
+//!   asked for on the client's behalf. JSON keeps a small tail in which the usage is read at the
+//!   end. Between frames an idle timeout runs; once the head is sent a failure becomes one final
+//!   SSE error event (streams) or an aborted body (JSON).
+//!
+//! Every body may carry the request's [`Record`], written when the body is dropped.
+
+use crate::error::Error;
+use crate::json::{self, Usage};
+use crate::record::{Outcome, Record};
+use crate::sse;
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::LazyLock;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::time::Sleep;
+
+/// The error type of bodies: hyper aborts the connection when a body fails.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request or response body.
+pub struct Body {
+    inner: Inner,
+    record: Option<Record>,
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Chunks(Box<Paced>),
+    Passthrough(Box<Passthrough>),
+}
+
+impl Body {
+    /// A body of one buffer.
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        Body { inner: Inner::Full(Some(b.into())), record: None }
+    }
+
+    /// Buffers sent one frame each, with `delay` between them (the first goes at once).
+    pub fn chunks(chunks: Vec<Bytes>, delay: Duration) -> Self {
+        let len = chunks.iter().map(Bytes::len).sum();
+        let paced = Paced { chunks: chunks.into(), delay, sleep: None, len };
+        Body { inner: Inner::Chunks(Box::new(paced)), record: None }
+    }
+
+    /// An upstream body forwarded as it arrives; see the module documentation.
+    pub fn passthrough(upstream: Incoming, mode: Mode, idle: Duration, connection: &str) -> Self {
+        let p = Passthrough {
+            upstream,
+            mode,
+            idle,
+            last_frame: Instant::now(),
+            sleep: None,
+            queue: VecDeque::new(),
+            done: false,
+            connection: connection.to_owned(),
+        };
+        Body { inner: Inner::Passthrough(Box::new(p)), record: None }
+    }
+
+    /// Attaches the request record, written when this body is dropped.
+    pub fn with_record(mut self, record: Record) -> Self {
+        self.record = Some(record);
+        self
+    }
+}
+
+/// How a passthrough body is observed.
+pub enum Mode {
+    /// Server-sent events, cut at event boundaries.
+    Sse(SseState),
+    /// A JSON document: forwarded untouched, usage read from its tail.
+    Json {
+        /// The last bytes seen.
+        tail: Vec<u8>,
+    },
+    /// Anything else (error bodies): forwarded untouched.
+    Opaque,
+}
+
+/// SSE passthrough state.
+pub struct SseState {
+    splitter: sse::Splitter,
+    partial: BytesMut,
+    /// The partial event grew past [`MAX_HELD_EVENT`]; it is forwarded without inspection.
+    oversized: bool,
+    strip_usage: bool,
+    scratch: Vec<u8>,
+}
+
+/// Largest partial event held back for inspection before it is forwarded as is.
+pub const MAX_HELD_EVENT: usize = 4 << 20;
+const TAIL: usize = 4096;
+
+impl Mode {
+    /// SSE passthrough; `strip_usage` removes the usage-only event (the gateway asked for it).
+    pub fn sse(strip_usage: bool) -> Self {
+        Mode::Sse(SseState {
+            splitter: sse::Splitter::default(),
+            partial: BytesMut::new(),
+            oversized: false,
+            strip_usage,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// JSON passthrough that reads usage at the end.
+    pub fn json() -> Self {
+        Mode::Json { tail: Vec::with_capacity(TAIL) }
+    }
+}
+
+struct Paced {
+    chunks: VecDeque<Bytes>,
+    delay: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    len: usize,
+}
+
+struct Passthrough {
+    upstream: Incoming,
+    mode: Mode,
+    idle: Duration,
+    last_frame: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+    queue: VecDeque<Bytes>,
+    done: bool,
+    connection: String,
+}
+
+static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+
+impl SseState {
+    /// Splits `data` into events, queueing what goes to the client. Observes usage.
+    fn feed(&mut self, data: Bytes, queue: &mut VecDeque<Bytes>, usage: &mut Option<Usage>) {
+        let mut emit_from = 0; // start of bytes of `data` not yet queued
+        let mut from = 0;
+        while let Some(end) = self.splitter.next_end(&data, from) {
+            if self.oversized {
+                // The rest of an event too large to inspect: forward it.
+                self.oversized = false;
+            } else if !self.partial.is_empty() {
+                self.partial.extend_from_slice(&data[from..end]);
+                let event = self.partial.split().freeze();
+                if self.keep(&event, usage) {
+                    queue.push_back(event);
+                }
+                emit_from = end;
+            } else if !self.keep(&data[from..end], usage) {
+                if from > emit_from {
+                    queue.push_back(data.slice(emit_from..from));
+                }
+                emit_from = end;
+            }
+            from = end;
+        }
+        if from > emit_from {
+            queue.push_back(data.slice(emit_from..from));
+        }
+        if from < data.len() {
+            if self.oversized {
+                queue.push_back(data.slice(from..));
+            } else {
+                self.partial.extend_from_slice(&data[from..]);
+                if self.partial.len() > MAX_HELD_EVENT {
+                    queue.push_back(self.partial.split().freeze());
+                    self.oversized = true;
+                }
+            }
+        }
+    }
+
+    /// Whether an event goes to the client; records its usage if it has any.
+    fn keep(&mut self, event: &[u8], usage: &mut Option<Usage>) -> bool {
+        if USAGE_KEY.find(event).is_none() {
+            return true;
+        }
+        let Some(data) = sse::data(event, &mut self.scratch) else { return true };
+        match json::usage(data) {
+            Some((u, usage_only)) => {
+                *usage = Some(u);
+                !(self.strip_usage && usage_only)
+            }
+            None => true,
+        }
+    }
+}
+
+impl Passthrough {
+    fn feed(&mut self, data: Bytes, usage: &mut Option<Usage>) {
+        match &mut self.mode {
+            Mode::Sse(s) => s.feed(data, &mut self.queue, usage),
+            Mode::Json { tail } => {
+                if data.len() >= TAIL {
+                    tail.clear();
+                    tail.extend_from_slice(&data[data.len() - TAIL..]);
+                } else {
+                    let keep = (TAIL - data.len()).min(tail.len());
+                    tail.drain(..tail.len() - keep);
+                    tail.extend_from_slice(&data);
+                }
+                self.queue.push_back(data);
+            }
+            Mode::Opaque => self.queue.push_back(data),
+        }
+    }
+
+    /// The upstream ended normally.
+    fn finish(&mut self, usage: &mut Option<Usage>) {
+        match &mut self.mode {
+            Mode::Sse(s) if !s.partial.is_empty() => {
+                // An unterminated last event: forward it as it came (the client discards it).
+                self.queue.push_back(s.partial.split().freeze());
+            }
+            Mode::Json { tail } => {
+                if let Some(u) = json::usage_in_tail(tail) {
+                    *usage = Some(u);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The upstream failed after the head went out. Streams end with an error event; other
+    /// bodies are aborted.
+    fn fail(&mut self, e: Error, record: Option<&mut Record>) -> Result<(), BoxError> {
+        self.done = true;
+        if let Some(r) = record {
+            r.outcome = Outcome::UpstreamFailed;
+            r.error = Some(e.message.clone());
+        }
+        match &mut self.mode {
+            Mode::Sse(s) => {
+                // A held partial event never reached the client; drop it so the error event
+                // is not glued onto it.
+                s.partial.clear();
+                self.queue.push_back(e.to_sse());
+                Ok(())
+            }
+            _ => Err(Box::new(e)),
+        }
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut record: Option<&mut Record>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let Some(b) = self.queue.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if self.done {
+                if let Some(r) = record {
+                    if r.outcome == Outcome::ClientGone {
+                        r.outcome = Outcome::Complete;
+                    }
+                }
+                return Poll::Ready(None);
+            }
+            let mut usage = None;
+            match Pin::new(&mut self.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.last_frame = Instant::now();
+                    match frame.into_data() {
+                        Ok(data) => self.feed(data, &mut usage),
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))), // trailers
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    let e = Error::bad_gateway(format!(
+                        "Connection `{}`: the upstream connection failed mid-response.",
+                        self.connection
+                    ));
+                    self.fail(e, record.as_deref_mut())?;
+                }
+                Poll::Ready(None) => {
+                    self.finish(&mut usage);
+                    self.done = true;
+                }
+                Poll::Pending => {
+                    // Idle timeout, lazily: the timer is only re-armed when it fires early.
+                    let deadline = self.last_frame + self.idle;
+                    let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                    loop {
+                        ready!(sleep.as_mut().poll(cx));
+                        let deadline = self.last_frame + self.idle;
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        sleep.as_mut().reset(deadline.into());
+                    }
+                    let e = Error::timeout(format!(
+                        "Connection `{}`: no data from the upstream for {:?}.",
+                        self.connection, self.idle
+                    ));
+                    self.fail(e, record.as_deref_mut())?;
+                }
+            }
+            if let (Some(u), Some(r)) = (usage, record.as_deref_mut()) {
+                r.usage = Some(u);
+            }
+        }
+    }
+}
+
+use std::future::Future;
+
+impl Paced {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.chunks.is_empty() {
+            return Poll::Ready(None);
+        }
+        if let Some(sleep) = &mut self.sleep {
+            ready!(sleep.as_mut().poll(cx));
+        }
+        let chunk = self.chunks.pop_front();
+        if !self.delay.is_zero() && !self.chunks.is_empty() {
+            let at = tokio::time::Instant::now() + self.delay;
+            match &mut self.sleep {
+                Some(s) => s.as_mut().reset(at),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        if let Some(c) = &chunk {
+            self.len -= c.len();
+        }
+        Poll::Ready(chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Chunks(p) => p.poll_frame(cx),
+            Inner::Passthrough(p) => return p.poll_frame(cx, this.record.as_mut()),
+        };
+        if let (Poll::Ready(None), Some(r)) = (&polled, this.record.as_mut()) {
+            if r.outcome == Outcome::ClientGone {
+                r.outcome = Outcome::Complete;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Chunks(p) => p.chunks.is_empty(),
+            Inner::Passthrough(p) => p.done && p.queue.is_empty(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Chunks(p) => SizeHint::with_exact(p.len as u64),
+            Inner::Passthrough(p) => match p.mode {
+                Mode::Sse(_) => SizeHint::default(),
+                _ => p.upstream.size_hint(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(input: &[u8], step: usize, strip: bool) -> (Vec<u8>, Option<Usage>) {
+        let Mode::Sse(mut s) = Mode::sse(strip) else { unreachable!() };
+        let mut q = VecDeque::new();
+        let mut usage = None;
+        for c in input.chunks(step) {
+            s.feed(Bytes::copy_from_slice(c), &mut q, &mut usage);
+        }
+        let mut out: Vec<u8> = q.iter().flat_map(|b| b.iter().copied()).collect();
+        out.extend_from_slice(&s.partial);
+        (out, usage)
+    }
+
+    const STREAM: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5,\"total_tokens\":8}}\n\n\
+data: [DONE]\n\n";
+
+    #[test]
+    fn passthrough_keeps_every_byte_when_not_stripping() {
+        for step in 1..STREAM.len() {
+            let (out, usage) = run(STREAM, step, false);
+            assert_eq!(out, STREAM, "step {step}");
+            assert_eq!(usage, Some(Usage { prompt: 3, completion: 5 }));
+        }
+    }
+
+    #[test]
+    fn passthrough_removes_only_the_usage_only_event() {
+        let first_end = STREAM.windows(2).position(|w| w == b"\n\n").unwrap() + 2;
+        let want: Vec<u8> = [&STREAM[..first_end], &b"data: [DONE]\n\n"[..]].concat();
+        for step in 1..STREAM.len() {
+            let (out, usage) = run(STREAM, step, true);
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want), "step {step}");
+            assert_eq!(usage, Some(Usage { prompt: 3, completion: 5 }));
+        }
+    }
+
+    #[test]
+    fn oversized_events_pass_uninspected() {
+        let big = format!("data: {}\n\ndata: [DONE]\n\n", "x".repeat(MAX_HELD_EVENT + 10));
+        let (out, _) = run(big.as_bytes(), 1 << 16, true);
+        assert_eq!(out, big.as_bytes());
+    }
+}

@@ -1,0 +1,733 @@
+//! Configuration: TOML text → validated [`Config`].
+//!
+//! Two levels: [`RawConfig`] mirrors the file (serde, unknown keys rejected) and is compiled into
+//! [`Config`]: dense connection ids, compiled routing patterns, hashed client keys and resolved
+//! secrets. The file is shaped like lm-proxy's so its users can move over: its top-level `host`
+//! and `port`, `api_type = "open_ai"` and `model_listing_mode` are accepted; its Python-only keys
+//! are rejected with a message naming what lmgate offers instead.
+//!
+//! Secrets come from `env:NAME` references. The lookup is injected ([`Env`]) so tests never touch
+//! the process environment. A connection whose key variable is missing is disabled with a warning
+//! (requests routed there get 503 naming the variable); a missing variable in a group's
+//! `api_keys` is an error, so a typo can never leave the gateway open.
+
+use crate::auth::Keys;
+use crate::router::{Pattern, Router, Target};
+use http::header::{HeaderName, HeaderValue};
+use http::Uri;
+use indexmap::IndexMap;
+use serde::Deserialize;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Looks up an environment variable by name (the process environment plus `.env`, or a map in
+/// tests).
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// A configuration error: names the offending key and, for syntax errors, the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+/// The configuration file as written (see config.toml for every key, annotated).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// lm-proxy alias for the host part of `server.listen`.
+    pub host: Option<String>,
+    /// lm-proxy alias for the port part of `server.listen`.
+    pub port: Option<u16>,
+    /// lm-proxy alias for `server.model_listing_mode`.
+    pub model_listing_mode: Option<ListingMode>,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    connections: IndexMap<String, RawConnection>,
+    /// Model pattern → `"connection.model"`; file order is kept (first match wins).
+    #[serde(default)]
+    routing: IndexMap<String, String>,
+    #[serde(default)]
+    groups: IndexMap<String, RawGroup>,
+    // lm-proxy's Python-only keys, caught to explain what to use instead.
+    api_key_check: Option<toml::Value>,
+    loggers: Option<toml::Value>,
+    before: Option<toml::Value>,
+    dev_autoreload: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_request_bytes: Option<usize>,
+    shutdown_grace_secs: Option<f64>,
+    model_listing_mode: Option<ListingMode>,
+}
+
+/// How `/v1/models` shows wildcard routing patterns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListingMode {
+    /// List patterns such as `gpt*` as they are written (default).
+    AsIs,
+    /// List only exact model names.
+    #[serde(alias = "hide_wildcards")]
+    IgnoreWildcards,
+}
+
+/// The protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiType {
+    /// OpenAI and every OpenAI-compatible server (vLLM, TGI, Groq, Mistral, llama.cpp, ...).
+    #[serde(alias = "open_ai")]
+    Openai,
+    /// The built-in mock: answers in-process, no network hop.
+    Mock,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnection {
+    api_type: ApiType,
+    api_base: Option<String>,
+    api_key: Option<String>,
+    #[serde(default)]
+    headers: IndexMap<String, String>,
+    #[serde(default)]
+    http2: bool,
+    ca_file: Option<PathBuf>,
+    connect_timeout_secs: Option<f64>,
+    header_timeout_secs: Option<f64>,
+    idle_timeout_secs: Option<f64>,
+    stream_usage: Option<bool>,
+    #[serde(default)]
+    forward_headers: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    #[serde(default)]
+    api_keys: Vec<String>,
+    allowed_connections: Option<NameList>,
+    allowed_models: Option<NameList>,
+}
+
+/// `"*"`, a comma-separated string (lm-proxy's form) or a list of names.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum NameList {
+    Text(String),
+    List(Vec<String>),
+}
+
+impl NameList {
+    fn names(&self) -> Vec<String> {
+        let items: Vec<&str> = match self {
+            NameList::Text(s) => s.split(',').collect(),
+            NameList::List(v) => v.iter().map(String::as_str).collect(),
+        };
+        items.into_iter().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compiled configuration.
+
+/// A validated configuration, ready to serve.
+#[derive(Debug)]
+pub struct Config {
+    /// Listener and request limits.
+    pub server: Server,
+    /// Upstream connections; a [`Target`] refers to one by index.
+    pub connections: Vec<Connection>,
+    /// Model name → connection and upstream model.
+    pub router: Router,
+    /// Access groups; index 0.. as in the file (plus the implicit open group when running open).
+    pub groups: Vec<Group>,
+    /// Client keys (hashed) → group.
+    pub keys: Keys,
+    /// No client keys configured: every caller is let in as `open_group`.
+    pub open_group: Option<usize>,
+    /// Things an operator should know at start (disabled connections, open access).
+    pub warnings: Vec<String>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body accepted (413 past it).
+    pub max_request_bytes: usize,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Whether `/v1/models` lists wildcard patterns.
+    pub list_wildcards: bool,
+}
+
+/// Per-connection timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// From sending the request until the response head arrives.
+    pub header: Duration,
+    /// Between two body frames once the head has arrived.
+    pub idle: Duration,
+}
+
+/// One upstream connection.
+#[derive(Debug)]
+pub struct Connection {
+    /// The name in `[connections.NAME]`.
+    pub name: String,
+    /// Its protocol.
+    pub api_type: ApiType,
+    /// Upstream URLs for each endpoint (openai type only).
+    pub urls: Option<EndpointUrls>,
+    /// Headers set on every upstream request: the credential first, then `headers`. Values are
+    /// marked sensitive so they never print.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Why the connection cannot be used (a missing variable), if so.
+    pub disabled: Option<String>,
+    /// HTTP/2 to the upstream (prior knowledge on http, ALPN on https).
+    pub http2: bool,
+    /// Extra CA certificates (PEM) trusted for this upstream.
+    pub ca_file: Option<PathBuf>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Ask streams for `stream_options.include_usage` (off for servers that reject it).
+    pub stream_usage: bool,
+    /// Extra client request headers passed upstream (lower-case names, `*` wildcards).
+    pub forward_headers: Vec<Pattern>,
+}
+
+/// Full upstream URLs, built once at load.
+#[derive(Debug, Clone)]
+pub struct EndpointUrls {
+    /// `{api_base}/chat/completions`.
+    pub chat: Uri,
+    /// `{api_base}/completions`.
+    pub completions: Uri,
+    /// `{api_base}/embeddings`.
+    pub embeddings: Uri,
+    /// `{api_base}/models`.
+    pub models: Uri,
+}
+
+/// An access group.
+#[derive(Debug)]
+pub struct Group {
+    /// The name in `[groups.NAME]`.
+    pub name: String,
+    /// `allowed[connection id]`.
+    pub connections: Vec<bool>,
+    /// Allowed model patterns; `None` allows every model.
+    pub models: Option<Vec<Pattern>>,
+}
+
+impl Group {
+    /// Whether this group may send `model` to `connection`.
+    pub fn allows(&self, connection: usize, model: &str) -> bool {
+        self.connections.get(connection).copied().unwrap_or(false)
+            && self.models.as_ref().is_none_or(|m| m.iter().any(|p| p.matches(model)))
+    }
+}
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
+const DEFAULT_MAX_REQUEST_BYTES: usize = 32 << 20;
+const OPENAI_BASE: &str = "https://api.openai.com/v1";
+
+impl Config {
+    /// Parses and validates TOML text. `env` resolves `env:NAME` references.
+    pub fn parse(text: &str, env: Env) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
+        Self::compile(raw, env)
+    }
+
+    /// Validates a parsed file into a `Config`.
+    pub fn compile(raw: RawConfig, env: Env) -> Result<Config, ConfigError> {
+        reject_python_keys(&raw)?;
+        let mut warnings = Vec::new();
+        let server = compile_server(&raw)?;
+
+        let mut connections = Vec::with_capacity(raw.connections.len());
+        for (name, c) in &raw.connections {
+            connections.push(compile_connection(name, c, env, &mut warnings)?);
+        }
+        let find = |name: &str| connections.iter().position(|c| c.name == name);
+
+        let mut routes = Vec::with_capacity(raw.routing.len());
+        for (pattern, value) in &raw.routing {
+            let Some((conn, model)) = value.split_once('.') else {
+                return err(format!(
+                    "routing.\"{pattern}\": `{value}` must be \"connection.model\" or \"connection.*\""
+                ));
+            };
+            let Some(id) = find(conn) else {
+                return err(format!(
+                    "routing.\"{pattern}\": no connection named `{conn}` (known: {})",
+                    names(&raw.connections)
+                ));
+            };
+            if model.is_empty() {
+                return err(format!("routing.\"{pattern}\": the model after `{conn}.` is empty"));
+            }
+            routes.push((Pattern::new(pattern), Target::new(id, model)));
+        }
+        let router = Router::new(routes);
+
+        let mut groups = Vec::with_capacity(raw.groups.len() + 1);
+        let mut keys = Keys::default();
+        for (gname, g) in &raw.groups {
+            let id = groups.len();
+            let mut allowed = vec![false; connections.len()];
+            match g.allowed_connections.as_ref().map(NameList::names) {
+                None => allowed.fill(true),
+                Some(list) if list.iter().any(|n| n == "*") => allowed.fill(true),
+                Some(list) => {
+                    for n in list {
+                        let Some(c) = find(&n) else {
+                            return err(format!(
+                                "groups.{gname}.allowed_connections: no connection named `{n}` (known: {})",
+                                names(&raw.connections)
+                            ));
+                        };
+                        allowed[c] = true;
+                    }
+                }
+            }
+            let models = g.allowed_models.as_ref().map(NameList::names).and_then(|list| {
+                (!list.iter().any(|n| n == "*"))
+                    .then(|| list.iter().map(|p| Pattern::new(p)).collect())
+            });
+            for (i, key) in g.api_keys.iter().enumerate() {
+                let value = resolve(key, env).map_err(|var| {
+                    ConfigError(format!(
+                        "groups.{gname}.api_keys[{i}]: environment variable `{var}` is not set \
+                         (a missing client key would leave the gateway open, so this is an error)"
+                    ))
+                })?;
+                if value.is_empty() {
+                    return err(format!("groups.{gname}.api_keys[{i}]: the key is empty"));
+                }
+                if let Some(other) = keys.insert(&value, id) {
+                    return err(format!(
+                        "groups.{gname}.api_keys[{i}]: the same key is already in group `{}`",
+                        raw.groups.get_index(other).map_or("?", |(n, _)| n.as_str())
+                    ));
+                }
+            }
+            groups.push(Group { name: gname.clone(), connections: allowed, models });
+        }
+
+        let open_group = if keys.is_empty() {
+            warnings.push(
+                "no client API keys are configured: the gateway is OPEN to anyone who can reach \
+                 it; add [groups.NAME] api_keys to require keys"
+                    .into(),
+            );
+            Some(match groups.iter().position(|g| g.name == "default") {
+                Some(id) => id,
+                None => {
+                    groups.push(Group {
+                        name: "open".into(),
+                        connections: vec![true; connections.len()],
+                        models: None,
+                    });
+                    groups.len() - 1
+                }
+            })
+        } else {
+            None
+        };
+
+        Ok(Config { server, connections, router, groups, keys, open_group, warnings })
+    }
+
+    /// A summary for `lmgate check`: never secret values.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "listen: {}", self.server.listen);
+        let _ = writeln!(s, "connections ({}):", self.connections.len());
+        for c in &self.connections {
+            let url = c.urls.as_ref().map(|u| u.models.to_string());
+            let base = url.as_deref().map_or("in-process", |u| u.trim_end_matches("/models"));
+            let _ = write!(s, "  {} ({:?}) {}", c.name, c.api_type, base);
+            if c.http2 {
+                s.push_str(" h2");
+            }
+            match &c.disabled {
+                Some(why) => {
+                    let _ = write!(s, " DISABLED: {why}");
+                }
+                None if c.headers.iter().any(|(n, _)| is_credential(n)) => s.push_str(" key: set"),
+                None => {}
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(s, "routes ({}):", self.router.len());
+        for (pattern, target) in self.router.entries() {
+            let conn = &self.connections[target.connection].name;
+            let _ = writeln!(s, "  {} -> {}.{}", pattern.as_str(), conn, target.model_label());
+        }
+        let _ = writeln!(s, "groups ({}):", self.groups.len());
+        for (id, g) in self.groups.iter().enumerate() {
+            let conns: Vec<&str> = self
+                .connections
+                .iter()
+                .zip(&g.connections)
+                .filter(|(_, ok)| **ok)
+                .map(|(c, _)| c.name.as_str())
+                .collect();
+            let _ = write!(s, "  {}: {} key(s), connections: {}", g.name, self.keys.count(id), conns.join(", "));
+            if let Some(m) = &g.models {
+                let m: Vec<&str> = m.iter().map(Pattern::as_str).collect();
+                let _ = write!(s, ", models: {}", m.join(", "));
+            }
+            s.push('\n');
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning: {w}");
+        }
+        s
+    }
+}
+
+fn is_credential(name: &HeaderName) -> bool {
+    name == http::header::AUTHORIZATION || name == "x-api-key" || name == "api-key"
+}
+
+fn names<V>(map: &IndexMap<String, V>) -> String {
+    let v: Vec<&str> = map.keys().map(String::as_str).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// A TOML error with its line and column, without echoing the source line (it may hold a key).
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let msg = e.message().trim();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            ConfigError(format!("line {line}, column {col}: {msg}"))
+        }
+        None => ConfigError(msg.to_owned()),
+    }
+}
+
+fn reject_python_keys(raw: &RawConfig) -> Result<(), ConfigError> {
+    let hints: [(&Option<toml::Value>, &str, &str); 4] = [
+        (&raw.api_key_check, "api_key_check", "lmgate checks client keys itself: list them in [groups.NAME] api_keys (literals or \"env:VAR\")"),
+        (&raw.loggers, "loggers", "lmgate logs one line per request to stderr; choose the format with `--log-format json|pretty`"),
+        (&raw.before, "before", "lmgate has no Python request hooks; use [routing] and [groups] for routing and access"),
+        (&raw.dev_autoreload, "dev_autoreload", "remove it; restart lmgate to load a changed config (`lmgate check` validates one first)"),
+    ];
+    for (value, key, hint) in hints {
+        if value.is_some() {
+            return err(format!("`{key}` is an lm-proxy (Python) setting that lmgate does not support: {hint}"));
+        }
+    }
+    Ok(())
+}
+
+fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
+    let s = &raw.server;
+    let listen_text = match (&s.listen, &raw.host, raw.port) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return err("`server.listen` and lm-proxy's top-level `host`/`port` both set: keep one");
+        }
+        (Some(l), None, None) => l.clone(),
+        (None, host, port) => {
+            let host = host.as_deref().unwrap_or("127.0.0.1");
+            let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
+            format!("{host}:{}", port.unwrap_or(4000))
+        }
+    };
+    let listen = listen_text
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ConfigError(format!("server.listen: `{listen_text}` is not an address like `{DEFAULT_LISTEN}`")))?;
+    let max_request_bytes = s.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+    if max_request_bytes == 0 {
+        return err("server.max_request_bytes must be greater than 0");
+    }
+    let shutdown_grace = secs("server.shutdown_grace_secs", s.shutdown_grace_secs, 30.0, true)?;
+    let mode = match (s.model_listing_mode, raw.model_listing_mode) {
+        (Some(_), Some(_)) => return err("`model_listing_mode` is set both at the top level and in [server]: keep one"),
+        (a, b) => a.or(b).unwrap_or(ListingMode::AsIs),
+    };
+    Ok(Server { listen, max_request_bytes, shutdown_grace, list_wildcards: mode == ListingMode::AsIs })
+}
+
+fn secs(key: &str, v: Option<f64>, default: f64, zero_ok: bool) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default);
+    if !v.is_finite() || v < 0.0 || (v == 0.0 && !zero_ok) || v > 1e9 {
+        return err(format!("{key}: `{v}` must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Resolves `env:NAME` through `env`; other text is literal. `Err(NAME)` when unset.
+fn resolve(value: &str, env: Env) -> Result<String, String> {
+    match value.strip_prefix("env:") {
+        Some(var) => env(var.trim()).ok_or_else(|| var.trim().to_owned()),
+        None => Ok(value.to_owned()),
+    }
+}
+
+fn compile_connection(
+    name: &str,
+    c: &RawConnection,
+    env: Env,
+    warnings: &mut Vec<String>,
+) -> Result<Connection, ConfigError> {
+    if name.is_empty() || name.contains('.') {
+        return err(format!("connections.{name}: a connection name may not be empty or contain `.`"));
+    }
+    let key = |k: &str| format!("connections.{name}.{k}");
+    let timeouts = Timeouts {
+        connect: secs(&key("connect_timeout_secs"), c.connect_timeout_secs, 10.0, false)?,
+        header: secs(&key("header_timeout_secs"), c.header_timeout_secs, 600.0, false)?,
+        idle: secs(&key("idle_timeout_secs"), c.idle_timeout_secs, 300.0, false)?,
+    };
+    let mut disabled = None;
+    let mut headers = Vec::new();
+    let secret = |what: String, value: &str, disabled: &mut Option<String>| match resolve(value, env) {
+        Ok(v) => Some(v),
+        Err(var) => {
+            let why = format!("environment variable `{var}` (for {what}) is not set");
+            disabled.get_or_insert(why);
+            None
+        }
+    };
+    let urls = match c.api_type {
+        ApiType::Mock => {
+            if c.api_base.is_some() {
+                return err(format!("{}: a mock connection has no api_base", key("api_base")));
+            }
+            None
+        }
+        ApiType::Openai => {
+            let base = c.api_base.as_deref().unwrap_or(OPENAI_BASE);
+            let base = match secret(key("api_base"), base, &mut disabled) {
+                Some(b) => b,
+                None => OPENAI_BASE.to_owned(),
+            };
+            if let Some(k) = &c.api_key {
+                if let Some(v) = secret(key("api_key"), k, &mut disabled) {
+                    let v = HeaderValue::try_from(format!("Bearer {}", v.trim()))
+                        .map_err(|_| ConfigError(format!("{}: not a valid header value", key("api_key"))))?;
+                    headers.push((http::header::AUTHORIZATION, sensitive(v)));
+                }
+            }
+            Some(endpoint_urls(&key("api_base"), &base)?)
+        }
+    };
+    for (h, v) in &c.headers {
+        let hname = HeaderName::try_from(h.as_str())
+            .map_err(|_| ConfigError(format!("{}: `{h}` is not a header name", key("headers"))))?;
+        if let Some(v) = secret(format!("{}.{h}", key("headers")), v, &mut disabled) {
+            let v = HeaderValue::try_from(v)
+                .map_err(|_| ConfigError(format!("{}.{h}: not a valid header value", key("headers"))))?;
+            headers.retain(|(n, _)| *n != hname);
+            headers.push((hname, sensitive(v)));
+        }
+    }
+    if let Some(ca) = &c.ca_file {
+        if !ca.is_file() {
+            return err(format!("{}: `{}` is not a readable file", key("ca_file"), ca.display()));
+        }
+    }
+    if let Some(why) = &disabled {
+        warnings.push(format!("connection `{name}` is disabled: {why}"));
+    }
+    Ok(Connection {
+        name: name.to_owned(),
+        api_type: c.api_type,
+        urls,
+        headers,
+        disabled,
+        http2: c.http2,
+        ca_file: c.ca_file.clone(),
+        timeouts,
+        stream_usage: c.stream_usage.unwrap_or(true),
+        forward_headers: c.forward_headers.iter().map(|h| Pattern::new(&h.to_ascii_lowercase())).collect(),
+    })
+}
+
+fn sensitive(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
+}
+
+fn endpoint_urls(key: &str, base: &str) -> Result<EndpointUrls, ConfigError> {
+    let base = base.trim().trim_end_matches('/');
+    let parsed: Uri = base
+        .parse()
+        .map_err(|_| ConfigError(format!("{key}: `{base}` is not a URL")))?;
+    if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
+        return err(format!("{key}: `{base}` must be an http:// or https:// URL with a host"));
+    }
+    if parsed.query().is_some() {
+        return err(format!("{key}: `{base}` may not have a query string"));
+    }
+    let url = |path: &str| -> Result<Uri, ConfigError> {
+        format!("{base}{path}").parse().map_err(|_| ConfigError(format!("{key}: `{base}` is not a URL")))
+    };
+    Ok(EndpointUrls {
+        chat: url("/chat/completions")?,
+        completions: url("/completions")?,
+        embeddings: url("/embeddings")?,
+        models: url("/models")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k: &str| map.get(k).cloned()
+    }
+
+    fn parse(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::parse(text, &env_of(pairs))
+    }
+
+    #[test]
+    fn shipped_config_parses_without_any_key() {
+        let text = include_str!("../config.toml");
+        let cfg = parse(text, &[]).unwrap();
+        assert!(cfg.open_group.is_some());
+        let openai = cfg.connections.iter().find(|c| c.name == "openai").unwrap();
+        assert!(openai.disabled.as_deref().unwrap().contains("OPENAI_API_KEY"));
+        let cfg = parse(text, &[("OPENAI_API_KEY", "sk-x")]).unwrap();
+        assert!(cfg.connections.iter().all(|c| c.disabled.is_none()));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line() {
+        let e = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", &[]).unwrap_err();
+        assert!(e.0.contains("line 3"), "{e}");
+        assert!(e.0.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn lm_proxy_aliases_are_accepted() {
+        let cfg = parse(
+            "host = \"0.0.0.0\"\nport = 8000\nmodel_listing_mode = \"ignore_wildcards\"\n\
+             [connections.o]\napi_type = \"open_ai\"\napi_base = \"https://api.openai.com/v1/\"\napi_key = \"k\"\n\
+             [routing]\n\"gpt*\" = \"o.*\"\n[groups.default]\napi_keys = [\"a\"]\nallowed_connections = \"o, \"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.server.listen.to_string(), "0.0.0.0:8000");
+        assert!(!cfg.server.list_wildcards);
+        assert_eq!(cfg.connections[0].api_type, ApiType::Openai);
+        assert_eq!(
+            cfg.connections[0].urls.as_ref().unwrap().chat.to_string(),
+            "https://api.openai.com/v1/chat/completions"
+        );
+    }
+
+    #[test]
+    fn python_only_keys_explain_the_alternative() {
+        let e = parse("api_key_check = \"my.fn\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("api_keys"), "{e}");
+        let e = parse("[[loggers]]\nclass = \"x\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("--log-format"), "{e}");
+    }
+
+    #[test]
+    fn missing_connection_key_disables_it_without_printing_values() {
+        let cfg = parse(
+            "[connections.o]\napi_type = \"openai\"\napi_key = \"env:NOPE\"\n[routing]\n\"*\" = \"o.*\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.connections[0].disabled.as_deref(), Some("environment variable `NOPE` (for connections.o.api_key) is not set"));
+        assert_eq!(cfg.warnings.len(), 2); // disabled + open
+    }
+
+    #[test]
+    fn missing_group_key_variable_is_a_startup_error() {
+        let e = parse("[groups.g]\napi_keys = [\"env:CLIENT_KEY\"]\n", &[]).unwrap_err();
+        assert!(e.0.contains("groups.g.api_keys[0]") && e.0.contains("CLIENT_KEY"), "{e}");
+        let cfg = parse("[groups.g]\napi_keys = [\"env:CLIENT_KEY\"]\n", &[("CLIENT_KEY", "s3")]).unwrap();
+        assert_eq!(cfg.keys.group_of("s3"), Some(0));
+        assert!(cfg.open_group.is_none());
+    }
+
+    #[test]
+    fn routing_to_unknown_connection_is_an_error() {
+        let e = parse("[connections.a]\napi_type = \"mock\"\n[routing]\n\"x\" = \"b.y\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("routing.\"x\"") && e.0.contains("`b`"), "{e}");
+        let e = parse("[connections.a]\napi_type = \"mock\"\n[routing]\n\"x\" = \"a\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("connection.model"), "{e}");
+    }
+
+    #[test]
+    fn summary_never_shows_secrets() {
+        let cfg = parse(
+            "[connections.o]\napi_type = \"openai\"\napi_key = \"sk-very-secret\"\nheaders = { OpenAI-Organization = \"org-secret\" }\n\
+             [routing]\n\"*\" = \"o.*\"\n[groups.g]\napi_keys = [\"client-secret\"]\n",
+            &[],
+        )
+        .unwrap();
+        let s = cfg.summary();
+        assert!(!s.contains("secret"), "{s}");
+        assert!(s.contains("key: set"), "{s}");
+        assert!(format!("{cfg:?}").find("sk-very-secret").is_none());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = parse("[connections.o]\napi_type = \"openai\"\napi_base = \"ftp://x\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("connections.o.api_base"), "{e}");
+        let e = parse("[connections.o]\napi_type = \"mock\"\nidle_timeout_secs = -1\n", &[]).unwrap_err();
+        assert!(e.0.contains("connections.o.idle_timeout_secs"), "{e}");
+        let e = parse("[connections.o]\napi_type = \"gopher\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("gopher") && e.0.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn group_lists_accept_strings_and_arrays() {
+        let cfg = parse(
+            "[connections.a]\napi_type = \"mock\"\n[connections.b]\napi_type = \"mock\"\n\
+             [groups.x]\napi_keys = [\"k1\"]\nallowed_connections = \"a,b\"\n\
+             [groups.y]\napi_keys = [\"k2\"]\nallowed_connections = [\"b\"]\nallowed_models = [\"m*\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.groups[0].connections, vec![true, true]);
+        assert_eq!(cfg.groups[1].connections, vec![false, true]);
+        assert!(cfg.groups[1].allows(1, "m1") && !cfg.groups[1].allows(1, "n1") && !cfg.groups[1].allows(0, "m1"));
+    }
+}

@@ -1,0 +1,399 @@
+//! The built-in mock upstream (`api_type = "mock"`, and `lmgate mock` standalone).
+//!
+//! Deterministic, OpenAI-shaped answers for chat (stream and non-stream, with usage), legacy
+//! completions and embeddings, so the gateway runs with no API keys and benchmarks have an
+//! upstream that is never the bottleneck: chat pieces are fixed strings, and embedding vectors
+//! are rendered once per (input, dimensions, format) and then served from a bounded cache.
+//!
+//! Knobs, as request headers: `x-mock-chunks` (content pieces, default 16), `x-mock-delay-us`
+//! (pause between stream chunks, default 0), `x-mock-status` (answer with that status and an
+//! OpenAI error body).
+
+use super::Api;
+use crate::body::Body;
+use crate::error::Error;
+use crate::json::{write_str, Usage};
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The text pieces of a reply, cycled. They exercise JSON escaping and multi-byte UTF-8.
+const PIECES: [&str; 16] = [
+    "Hello", "!", " This", " is", " the", " lmgate", " mock", ":", " a", " \"deterministic\"",
+    " reply", " with", " unicode", " (é ✓)", " and", " a newline\n",
+];
+
+const DEFAULT_CHUNKS: usize = 16;
+const MAX_CHUNKS: usize = 100_000;
+const DEFAULT_DIMENSIONS: usize = 1536;
+const MAX_DIMENSIONS: usize = 65_536;
+const MAX_CACHED_VECTORS: usize = 8192;
+
+/// The mock's state: a counter for ids and the rendered-vector cache.
+#[derive(Default)]
+pub struct Mock {
+    next_id: AtomicU64,
+    vectors: Mutex<HashMap<(u64, usize, bool), Bytes>>,
+}
+
+/// A mock answer and the usage it reports.
+pub struct Answer {
+    /// The response.
+    pub response: Response<Body>,
+    /// Its token usage.
+    pub usage: Usage,
+}
+
+fn header_num(headers: &HeaderMap, name: &str) -> Result<Option<u64>, Error> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .map(Some)
+            .ok_or_else(|| Error::invalid_request(format!("Header `{name}` must be a non-negative integer."))),
+    }
+}
+
+impl Mock {
+    /// Answers a request for `model` (already routed) with `body` (already validated JSON).
+    pub fn respond(&self, api: Api, body: &[u8], model: &str, headers: &HeaderMap) -> Result<Answer, Error> {
+        if let Some(status) = header_num(headers, "x-mock-status")? {
+            return error_answer(status);
+        }
+        let chunks = header_num(headers, "x-mock-chunks")?.map_or(DEFAULT_CHUNKS, |n| n as usize);
+        if chunks == 0 || chunks > MAX_CHUNKS {
+            return Err(Error::invalid_request(format!("`x-mock-chunks` must be 1 to {MAX_CHUNKS}.")));
+        }
+        let delay = Duration::from_micros(header_num(headers, "x-mock-delay-us")?.unwrap_or(0).min(10_000_000));
+        let req: Value = serde_json::from_slice(body).map_err(|e| Error::invalid_request(e.to_string()))?;
+        let prompt = (body.len() as u64 / 4).max(1);
+        match api {
+            Api::Embeddings => self.embeddings(&req, model),
+            _ => {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let reply = Reply { api, model, id, created: now(), chunks, usage: Usage { prompt, completion: chunks as u64 } };
+                let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+                let response = if stream {
+                    let include_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+                    sse_response(reply.stream(include_usage), delay)
+                } else {
+                    json_response(StatusCode::OK, vec![Bytes::from(reply.whole())])
+                };
+                Ok(Answer { response, usage: reply.usage })
+            }
+        }
+    }
+
+    fn embeddings(&self, req: &Value, model: &str) -> Result<Answer, Error> {
+        let dims = match req.get("dimensions") {
+            None | Some(Value::Null) => DEFAULT_DIMENSIONS,
+            Some(v) => v.as_u64().map(|d| d as usize).filter(|d| (1..=MAX_DIMENSIONS).contains(d)).ok_or_else(|| {
+                Error::invalid_request(format!("`dimensions` must be an integer from 1 to {MAX_DIMENSIONS}.")).param("dimensions")
+            })?,
+        };
+        let base64 = match req.get("encoding_format").and_then(Value::as_str) {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(_) => {
+                return Err(Error::invalid_request("`encoding_format` must be \"float\" or \"base64\".").param("encoding_format"))
+            }
+        };
+        let inputs = embedding_inputs(req.get("input"))?;
+        let prompt: u64 = inputs.iter().map(|s| (s.len() as u64 / 4).max(1)).sum();
+        let mut parts = Vec::with_capacity(inputs.len() * 2 + 2);
+        let mut head = b"{\"object\":\"list\",\"data\":[".to_vec();
+        for (i, input) in inputs.iter().enumerate() {
+            if i > 0 {
+                head.push(b',');
+            }
+            head.extend_from_slice(format!("{{\"object\":\"embedding\",\"index\":{i},\"embedding\":").as_bytes());
+            parts.push(Bytes::from(std::mem::take(&mut head)));
+            parts.push(self.vector(fnv1a(input), dims, base64));
+            head.push(b'}');
+        }
+        head.extend_from_slice(b"],\"model\":");
+        write_str(&mut head, model);
+        head.extend_from_slice(format!(",\"usage\":{{\"prompt_tokens\":{prompt},\"total_tokens\":{prompt}}}}}").as_bytes());
+        parts.push(Bytes::from(head));
+        Ok(Answer { response: json_response(StatusCode::OK, parts), usage: Usage { prompt, completion: 0 } })
+    }
+
+    /// A unit vector derived from `seed`, rendered as a JSON array or a base64 string token.
+    fn vector(&self, seed: u64, dims: usize, base64: bool) -> Bytes {
+        let key = (seed, dims, base64);
+        if let Some(v) = self.vectors.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return v;
+        }
+        let mut state = seed ^ (dims as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut v: Vec<f32> = (0..dims)
+            .map(|_| {
+                // xorshift64*: cheap, deterministic, well spread.
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let x = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+                (x as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        v.iter_mut().for_each(|x| *x /= norm);
+        let rendered = if base64 {
+            let raw: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let mut out = Vec::with_capacity(raw.len() * 4 / 3 + 4);
+            out.push(b'"');
+            out.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(raw).as_bytes());
+            out.push(b'"');
+            out
+        } else {
+            let mut out = Vec::with_capacity(dims * 12);
+            let mut fmt = ryu::Buffer::new();
+            out.push(b'[');
+            for (i, x) in v.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(fmt.format_finite(*x).as_bytes());
+            }
+            out.push(b']');
+            out
+        };
+        let rendered = Bytes::from(rendered);
+        if let Ok(mut cache) = self.vectors.lock() {
+            if cache.len() >= MAX_CACHED_VECTORS {
+                cache.clear();
+            }
+            cache.insert(key, rendered.clone());
+        }
+        rendered
+    }
+}
+
+/// The inputs of an embeddings request: a string, a list of strings, a token list, or a list of
+/// token lists. Each becomes the bytes its vector is derived from.
+fn embedding_inputs(input: Option<&Value>) -> Result<Vec<Vec<u8>>, Error> {
+    let bad = || Error::invalid_request("`input` must be a non-empty string, array of strings, or array of token arrays.").param("input");
+    let out: Vec<Vec<u8>> = match input {
+        Some(Value::String(s)) => vec![s.as_bytes().to_vec()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_u64) => vec![Value::Array(items.clone()).to_string().into_bytes()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.as_bytes().to_vec()),
+                Value::Array(t) if t.iter().all(Value::is_u64) => Ok(v.to_string().into_bytes()),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad()),
+    };
+    if out.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn error_answer(status: u64) -> Result<Answer, Error> {
+    let status = u16::try_from(status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .filter(|s| s.as_u16() >= 400)
+        .ok_or_else(|| Error::invalid_request("`x-mock-status` must be an HTTP error status (400-599)."))?;
+    let body = format!(
+        "{{\"error\":{{\"message\":\"Mock error: status {} requested by x-mock-status.\",\"type\":\"{}\",\"param\":null,\"code\":\"mock_status\"}}}}",
+        status.as_u16(),
+        if status.is_client_error() { "invalid_request_error" } else { "api_error" }
+    );
+    Ok(Answer { response: json_response(status, vec![Bytes::from(body)]), usage: Usage::default() })
+}
+
+fn json_response(status: StatusCode, parts: Vec<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Body::chunks(parts, Duration::ZERO));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn sse_response(events: Vec<Bytes>, delay: Duration) -> Response<Body> {
+    let mut r = Response::new(Body::chunks(events, delay));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// One deterministic reply, rendered whole or as a stream.
+struct Reply<'a> {
+    api: Api,
+    model: &'a str,
+    id: u64,
+    created: u64,
+    chunks: usize,
+    usage: Usage,
+}
+
+impl Reply<'_> {
+    fn piece(i: usize) -> &'static str {
+        PIECES[i % PIECES.len()]
+    }
+
+    fn text(&self) -> String {
+        (0..self.chunks).map(Self::piece).collect()
+    }
+
+    fn usage_json(&self, out: &mut Vec<u8>) {
+        let u = self.usage;
+        out.extend_from_slice(
+            format!(
+                "{{\"prompt_tokens\":{},\"completion_tokens\":{},\"total_tokens\":{}}}",
+                u.prompt,
+                u.completion,
+                u.prompt + u.completion
+            )
+            .as_bytes(),
+        );
+    }
+
+    /// `{"id":..,"object":..,"created":..,"model":..,` — the common head of every object.
+    fn head(&self, out: &mut Vec<u8>, object: &str) {
+        let prefix = if self.api == Api::Chat { "chatcmpl" } else { "cmpl" };
+        out.extend_from_slice(format!("{{\"id\":\"{prefix}-mock-{}\",\"object\":\"{object}\",\"created\":{},\"model\":", self.id, self.created).as_bytes());
+        write_str(out, self.model);
+        out.push(b',');
+    }
+
+    fn whole(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
+        let text = self.text();
+        if self.api == Api::Chat {
+            self.head(&mut out, "chat.completion");
+            out.extend_from_slice(b"\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
+            write_str(&mut out, &text);
+            out.extend_from_slice(b",\"refusal\":null},\"logprobs\":null,\"finish_reason\":\"stop\"}],\"usage\":");
+        } else {
+            self.head(&mut out, "text_completion");
+            out.extend_from_slice(b"\"choices\":[{\"text\":");
+            write_str(&mut out, &text);
+            out.extend_from_slice(b",\"index\":0,\"logprobs\":null,\"finish_reason\":\"stop\"}],\"usage\":");
+        }
+        self.usage_json(&mut out);
+        out.push(b'}');
+        out
+    }
+
+    /// One event whose choice is `choice` (a JSON object text), or no choice when empty.
+    fn event(&self, choice: &[u8], usage: Option<bool>) -> Bytes {
+        let mut out = Vec::with_capacity(192);
+        out.extend_from_slice(b"data: ");
+        let object = if self.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+        self.head(&mut out, object);
+        out.extend_from_slice(b"\"choices\":[");
+        out.extend_from_slice(choice);
+        out.push(b']');
+        match usage {
+            Some(true) => {
+                out.extend_from_slice(b",\"usage\":");
+                self.usage_json(&mut out);
+            }
+            Some(false) => out.extend_from_slice(b",\"usage\":null"),
+            None => {}
+        }
+        out.extend_from_slice(b"}\n\n");
+        Bytes::from(out)
+    }
+
+    fn stream(&self, include_usage: bool) -> Vec<Bytes> {
+        let mut events = Vec::with_capacity(self.chunks + 4);
+        let null_usage = include_usage.then_some(false);
+        let chat = self.api == Api::Chat;
+        if chat {
+            events.push(self.event(
+                b"{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null},\"logprobs\":null,\"finish_reason\":null}",
+                null_usage,
+            ));
+        }
+        let mut choice = Vec::with_capacity(96);
+        for i in 0..self.chunks {
+            choice.clear();
+            choice.extend_from_slice(if chat { b"{\"index\":0,\"delta\":{\"content\":" } else { b"{\"text\":" });
+            write_str(&mut choice, Self::piece(i));
+            choice.extend_from_slice(if chat { b"},\"logprobs\":null,\"finish_reason\":null}" } else { b",\"index\":0,\"logprobs\":null,\"finish_reason\":null}" });
+            events.push(self.event(&choice, null_usage));
+        }
+        events.push(self.event(
+            if chat {
+                b"{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":\"stop\"}"
+            } else {
+                b"{\"text\":\"\",\"index\":0,\"logprobs\":null,\"finish_reason\":\"stop\"}"
+            },
+            null_usage,
+        ));
+        if include_usage {
+            events.push(self.event(b"", Some(true)));
+        }
+        events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(api: Api, chunks: usize) -> Reply<'static> {
+        Reply { api, model: "m", id: 1, created: 2, chunks, usage: Usage { prompt: 3, completion: chunks as u64 } }
+    }
+
+    #[test]
+    fn stream_text_equals_whole_text() {
+        let r = reply(Api::Chat, 20);
+        let whole: Value = serde_json::from_slice(&r.whole()).unwrap();
+        let mut text = String::new();
+        for ev in r.stream(true) {
+            let data = std::str::from_utf8(&ev).unwrap().strip_prefix("data: ").unwrap().trim_end();
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).unwrap();
+            if let Some(c) = v.pointer("/choices/0/delta/content").and_then(Value::as_str) {
+                text.push_str(c);
+            }
+        }
+        assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+        assert_eq!(whole["usage"]["total_tokens"], 23);
+    }
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors_in_both_formats() {
+        let mock = Mock::default();
+        let f: Vec<f32> = serde_json::from_slice(&mock.vector(7, 64, false)).unwrap();
+        assert_eq!(f.len(), 64);
+        let norm: f32 = f.iter().map(|x| x * x).sum();
+        assert!((norm - 1.0).abs() < 1e-4);
+        let b: String = serde_json::from_slice(&mock.vector(7, 64, true)).unwrap();
+        let raw = base64::engine::general_purpose::STANDARD.decode(b).unwrap();
+        let g: Vec<f32> = raw.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(f, g);
+        assert_ne!(f, serde_json::from_slice::<Vec<f32>>(&mock.vector(8, 64, false)).unwrap());
+    }
+
+    #[test]
+    fn mock_status_header_gives_an_openai_error() {
+        let mut h = HeaderMap::new();
+        h.insert("x-mock-status", HeaderValue::from_static("503"));
+        let a = Mock::default().respond(Api::Chat, b"{}", "m", &h).ok().unwrap();
+        assert_eq!(a.response.status(), 503);
+    }
+}

@@ -1,0 +1,114 @@
+//! The listener: socket options, HTTP/1.1 + h2c per connection, graceful shutdown.
+//!
+//! Accepted sockets get TCP_NODELAY; the listener a large backlog and SO_REUSEADDR. Each
+//! connection is served by hyper-util's auto builder (HTTP/1.1, or h2 when the client sends the
+//! h2 preface) on its own task; requests on it run inside that task (no task per request).
+//!
+//! Shutdown: when the shutdown future resolves, `/health/ready` turns 503, the listener is closed
+//! (new connections are refused), every connection is asked to finish gracefully (HTTP/1
+//! keep-alive ends, h2 sends GOAWAY) and in-flight requests and streams run on for up to
+//! `shutdown_grace`; then whatever is left is cut.
+
+use crate::proxy::Proxy;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use socket2::{Domain, Socket, Type};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+const BACKLOG: i32 = 4096;
+/// Bound on reading a request head, against clients that never finish one.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds a listener with the gateway's socket options.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Serving,
+    Draining,
+    Cut,
+}
+
+/// Serves `proxy` on `listener` until `shutdown` resolves, then drains for the configured grace
+/// period and returns.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
+    let grace = proxy.config().server.shutdown_grace;
+    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
+    // Every connection task holds a sender; recv() returns None once all have ended.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let mut phase = phase_rx.clone();
+        let alive = alive_tx.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let mut asked = false;
+            loop {
+                let now = *phase.borrow_and_update();
+                match now {
+                    Phase::Cut => break,
+                    Phase::Draining if !asked => {
+                        conn.as_mut().graceful_shutdown();
+                        asked = true;
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    changed = phase.changed() => if changed.is_err() { break },
+                }
+            }
+            drop(alive);
+        });
+    }
+
+    drop(listener);
+    proxy.drain();
+    let _ = phase_tx.send(Phase::Draining);
+    drop(alive_tx);
+    tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: refusing new connections, draining");
+    if tokio::time::timeout(grace, alive_rx.recv()).await.is_err() {
+        tracing::warn!("grace period over: cutting the remaining connections");
+        let _ = phase_tx.send(Phase::Cut);
+        let _ = tokio::time::timeout(Duration::from_secs(5), alive_rx.recv()).await;
+    }
+}
