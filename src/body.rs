@@ -265,11 +265,6 @@ impl Passthrough {
                 return Poll::Ready(Some(Ok(Frame::data(b))));
             }
             if self.done {
-                if let Some(r) = record {
-                    if r.outcome == Outcome::ClientGone {
-                        r.outcome = Outcome::Complete;
-                    }
-                }
                 return Poll::Ready(None);
             }
             let mut usage = None;
@@ -279,6 +274,12 @@ impl Passthrough {
                     match frame.into_data() {
                         Ok(data) => self.feed(data, &mut usage),
                         Err(frame) => return Poll::Ready(Some(Ok(frame))), // trailers
+                    }
+                    // A body of known length is over with its last byte: hyper stops polling
+                    // this body once it has sent that many, so finish now, not on a later poll.
+                    if self.upstream.is_end_stream() {
+                        self.finish(&mut usage);
+                        self.done = true;
                     }
                 }
                 Poll::Ready(Some(Err(_))) => {
@@ -355,9 +356,15 @@ impl http_body::Body for Body {
         let polled = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Chunks(p) => p.poll_frame(cx),
-            Inner::Passthrough(p) => return p.poll_frame(cx, this.record.as_mut()),
+            Inner::Passthrough(p) => p.poll_frame(cx, this.record.as_mut()),
         };
-        if let (Poll::Ready(None), Some(r)) = (&polled, this.record.as_mut()) {
+        // hyper stops polling once `is_end_stream` is true, so the last frame marks completion.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.is_end_stream(),
+            _ => false,
+        };
+        if let (true, Some(r)) = (ended, this.record.as_mut()) {
             if r.outcome == Outcome::ClientGone {
                 r.outcome = Outcome::Complete;
             }
