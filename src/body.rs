@@ -16,6 +16,7 @@
 
 use crate::error::Error;
 use crate::json::{self, Usage};
+use crate::provider::Translate;
 use crate::record::{Outcome, Record};
 use crate::sse;
 use bytes::{Bytes, BytesMut};
@@ -89,6 +90,15 @@ pub enum Mode {
     },
     /// Anything else (error bodies): forwarded untouched.
     Opaque,
+    /// A provider stream decoded and rewritten into OpenAI SSE.
+    Translate(Box<Translating>),
+}
+
+/// Translation state: the SSE decoder, the provider's translator, the reused output buffer.
+pub struct Translating {
+    decoder: sse::Decoder,
+    translator: Box<dyn Translate>,
+    out: BytesMut,
 }
 
 /// SSE passthrough state.
@@ -115,6 +125,15 @@ impl Mode {
             strip_usage,
             scratch: Vec::new(),
         })
+    }
+
+    /// A translated provider stream.
+    pub fn translate(translator: Box<dyn Translate>) -> Self {
+        Mode::Translate(Box::new(Translating {
+            decoder: sse::Decoder::new(MAX_HELD_EVENT),
+            translator,
+            out: BytesMut::with_capacity(4096),
+        }))
     }
 
     /// JSON passthrough that reads usage at the end.
@@ -201,9 +220,32 @@ impl SseState {
 }
 
 impl Passthrough {
-    fn feed(&mut self, data: Bytes, usage: &mut Option<Usage>) {
+    fn feed(&mut self, data: Bytes, usage: &mut Option<Usage>) -> Result<(), Error> {
         match &mut self.mode {
             Mode::Sse(s) => s.feed(data, &mut self.queue, usage),
+            Mode::Translate(t) => {
+                let Translating { decoder, translator, out } = &mut **t;
+                let mut failed = None;
+                let fed = decoder.feed(&data, |ev| {
+                    if failed.is_none() && !translator.done() {
+                        failed = translator.event(&ev, out).err();
+                    }
+                });
+                if !out.is_empty() {
+                    self.queue.push_back(out.split().freeze());
+                }
+                *usage = translator.usage();
+                if let Err(e) = fed {
+                    failed.get_or_insert(Error::bad_gateway(format!("Connection `{}`: {e}.", self.connection)));
+                }
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                if translator.done() {
+                    // Anything after the provider's end event is not for the client.
+                    self.done = true;
+                }
+            }
             Mode::Json { tail } => {
                 if data.len() >= TAIL {
                     tail.clear();
@@ -217,10 +259,11 @@ impl Passthrough {
             }
             Mode::Opaque => self.queue.push_back(data),
         }
+        Ok(())
     }
 
-    /// The upstream ended normally.
-    fn finish(&mut self, usage: &mut Option<Usage>) {
+    /// The upstream ended normally; a translated stream must have reached its end event.
+    fn finish(&mut self, usage: &mut Option<Usage>) -> Result<(), Error> {
         match &mut self.mode {
             Mode::Sse(s) if !s.partial.is_empty() => {
                 // An unterminated last event: forward it as it came (the client discards it).
@@ -231,8 +274,15 @@ impl Passthrough {
                     *usage = Some(u);
                 }
             }
+            Mode::Translate(t) if !t.translator.done() => {
+                return Err(Error::bad_gateway(format!(
+                    "Connection `{}`: the upstream stream ended before it was complete.",
+                    self.connection
+                )));
+            }
             _ => {}
         }
+        Ok(())
     }
 
     /// The upstream failed after the head went out. Streams end with an error event; other
@@ -248,6 +298,10 @@ impl Passthrough {
                 // A held partial event never reached the client; drop it so the error event
                 // is not glued onto it.
                 s.partial.clear();
+                self.queue.push_back(e.to_sse());
+                Ok(())
+            }
+            Mode::Translate(_) => {
                 self.queue.push_back(e.to_sse());
                 Ok(())
             }
@@ -271,15 +325,20 @@ impl Passthrough {
             match Pin::new(&mut self.upstream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     self.last_frame = Instant::now();
-                    match frame.into_data() {
+                    let fed = match frame.into_data() {
                         Ok(data) => self.feed(data, &mut usage),
                         Err(frame) => return Poll::Ready(Some(Ok(frame))), // trailers
-                    }
+                    };
                     // A body of known length is over with its last byte: hyper stops polling
                     // this body once it has sent that many, so finish now, not on a later poll.
-                    if self.upstream.is_end_stream() {
-                        self.finish(&mut usage);
-                        self.done = true;
+                    let ended = match fed {
+                        Ok(()) if self.upstream.is_end_stream() && !self.done => self.finish(&mut usage),
+                        other => other,
+                    };
+                    match ended {
+                        Ok(()) if self.upstream.is_end_stream() => self.done = true,
+                        Ok(()) => {}
+                        Err(e) => self.fail(e, record.as_deref_mut())?,
                     }
                 }
                 Poll::Ready(Some(Err(_))) => {
@@ -289,10 +348,10 @@ impl Passthrough {
                     ));
                     self.fail(e, record.as_deref_mut())?;
                 }
-                Poll::Ready(None) => {
-                    self.finish(&mut usage);
-                    self.done = true;
-                }
+                Poll::Ready(None) => match self.finish(&mut usage) {
+                    Ok(()) => self.done = true,
+                    Err(e) => self.fail(e, record.as_deref_mut())?,
+                },
                 Poll::Pending => {
                     // Idle timeout, lazily: the timer is only re-armed when it fires early.
                     let deadline = self.last_frame + self.idle;
@@ -385,7 +444,7 @@ impl http_body::Body for Body {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Chunks(p) => SizeHint::with_exact(p.len as u64),
             Inner::Passthrough(p) => match p.mode {
-                Mode::Sse(_) => SizeHint::default(),
+                Mode::Sse(_) | Mode::Translate(_) => SizeHint::default(),
                 _ => p.upstream.size_hint(),
             },
         }

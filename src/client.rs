@@ -8,6 +8,7 @@
 
 use crate::body::Body;
 use crate::config::{ConfigError, Connection};
+use crate::error::Error;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -66,4 +67,22 @@ pub fn build(conn: &Connection) -> Result<HttpClient, ConfigError> {
         .timer(TokioTimer::new())
         .http2_only(plain_h2)
         .build(https))
+}
+
+/// Sends `req` to `conn`'s upstream and waits for the response head within the connection's
+/// header timeout. Failures name the connection, never a key.
+pub async fn send(
+    client: &HttpClient,
+    conn: &Connection,
+    req: http::Request<Body>,
+) -> Result<http::Response<hyper::body::Incoming>, Error> {
+    match tokio::time::timeout(conn.timeouts.header, client.request(req)).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) if e.is_connect() => Err(Error::bad_gateway(format!("Could not connect to connection `{}`.", conn.name))),
+        Ok(Err(_)) => Err(Error::bad_gateway(format!(
+            "Connection `{}`: the upstream closed the connection before answering.",
+            conn.name
+        ))),
+        Err(_) => Err(Error::timeout(format!("Connection `{}`: no response within {:?}.", conn.name, conn.timeouts.header))),
+    }
 }

@@ -97,6 +97,8 @@ pub enum ApiType {
     /// OpenAI and every OpenAI-compatible server (vLLM, TGI, Groq, Mistral, llama.cpp, ...).
     #[serde(alias = "open_ai")]
     Openai,
+    /// Anthropic's Messages API: OpenAI chat requests and responses are translated.
+    Anthropic,
     /// The built-in mock: answers in-process, no network hop.
     Mock,
 }
@@ -118,6 +120,8 @@ struct RawConnection {
     stream_usage: Option<bool>,
     #[serde(default)]
     forward_headers: Vec<String>,
+    anthropic_version: Option<String>,
+    default_max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,19 +221,19 @@ pub struct Connection {
     pub stream_usage: bool,
     /// Extra client request headers passed upstream (lower-case names, `*` wildcards).
     pub forward_headers: Vec<Pattern>,
+    /// `max_tokens` sent when the client gives none (Anthropic requires one).
+    pub default_max_tokens: u64,
 }
 
 /// Full upstream URLs, built once at load.
 #[derive(Debug, Clone)]
 pub struct EndpointUrls {
-    /// `{api_base}/chat/completions`.
+    /// Chat: `{api_base}/chat/completions` (OpenAI), `{api_base}/v1/messages` (Anthropic).
     pub chat: Uri,
-    /// `{api_base}/completions`.
-    pub completions: Uri,
-    /// `{api_base}/embeddings`.
-    pub embeddings: Uri,
-    /// `{api_base}/models`.
-    pub models: Uri,
+    /// `{api_base}/completions`, where the provider has legacy completions.
+    pub completions: Option<Uri>,
+    /// `{api_base}/embeddings`, where the provider has embeddings.
+    pub embeddings: Option<Uri>,
 }
 
 /// An access group.
@@ -254,6 +258,9 @@ impl Group {
 const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
 const DEFAULT_MAX_REQUEST_BYTES: usize = 32 << 20;
 const OPENAI_BASE: &str = "https://api.openai.com/v1";
+const ANTHROPIC_BASE: &str = "https://api.anthropic.com";
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 impl Config {
     /// Parses and validates TOML text. `env` resolves `env:NAME` references.
@@ -369,8 +376,10 @@ impl Config {
         let _ = writeln!(s, "listen: {}", self.server.listen);
         let _ = writeln!(s, "connections ({}):", self.connections.len());
         for c in &self.connections {
-            let url = c.urls.as_ref().map(|u| u.models.to_string());
-            let base = url.as_deref().map_or("in-process", |u| u.trim_end_matches("/models"));
+            let url = c.urls.as_ref().map(|u| u.chat.to_string());
+            let base = url.as_deref().map_or("in-process", |u| {
+                u.trim_end_matches("/chat/completions").trim_end_matches("/v1/messages")
+            });
             let _ = write!(s, "  {} ({:?}) {}", c.name, c.api_type, base);
             if c.http2 {
                 s.push_str(" h2");
@@ -525,37 +534,61 @@ fn compile_connection(
             None
         }
     };
+    if c.api_type != ApiType::Anthropic && (c.anthropic_version.is_some() || c.default_max_tokens.is_some()) {
+        return err(format!("connections.{name}: `anthropic_version` and `default_max_tokens` are for anthropic connections"));
+    }
+    let default_max_tokens = c.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    if default_max_tokens == 0 {
+        return err(format!("{}: must be at least 1", key("default_max_tokens")));
+    }
+    let base_of = |default: &str, disabled: &mut Option<String>| {
+        let base = c.api_base.as_deref().unwrap_or(default);
+        secret(key("api_base"), base, disabled).unwrap_or_else(|| default.to_owned())
+    };
     let urls = match c.api_type {
         ApiType::Mock => {
-            if c.api_base.is_some() {
-                return err(format!("{}: a mock connection has no api_base", key("api_base")));
+            if c.api_base.is_some() || c.api_key.is_some() {
+                return err(format!("connections.{name}: a mock connection has no api_base or api_key"));
             }
             None
         }
         ApiType::Openai => {
-            let base = c.api_base.as_deref().unwrap_or(OPENAI_BASE);
-            let base = match secret(key("api_base"), base, &mut disabled) {
-                Some(b) => b,
-                None => OPENAI_BASE.to_owned(),
-            };
+            let base = base_of(OPENAI_BASE, &mut disabled);
             if let Some(k) = &c.api_key {
                 if let Some(v) = secret(key("api_key"), k, &mut disabled) {
-                    let v = HeaderValue::try_from(format!("Bearer {}", v.trim()))
-                        .map_err(|_| ConfigError(format!("{}: not a valid header value", key("api_key"))))?;
-                    headers.push((http::header::AUTHORIZATION, sensitive(v)));
+                    headers.push((http::header::AUTHORIZATION, header_value(&key("api_key"), &format!("Bearer {}", v.trim()))?));
                 }
             }
-            Some(endpoint_urls(&key("api_base"), &base)?)
+            let url = |path: &str| endpoint_url(&key("api_base"), &base, path);
+            Some(EndpointUrls {
+                chat: url("/chat/completions")?,
+                completions: Some(url("/completions")?),
+                embeddings: Some(url("/embeddings")?),
+            })
+        }
+        ApiType::Anthropic => {
+            // Like the Anthropic SDK's base_url: without /v1.
+            let base = base_of(ANTHROPIC_BASE, &mut disabled);
+            match &c.api_key {
+                Some(k) => {
+                    if let Some(v) = secret(key("api_key"), k, &mut disabled) {
+                        headers.push((HeaderName::from_static("x-api-key"), header_value(&key("api_key"), v.trim())?));
+                    }
+                }
+                None => return err(format!("{}: an anthropic connection needs a key", key("api_key"))),
+            }
+            let version = c.anthropic_version.as_deref().unwrap_or(ANTHROPIC_VERSION);
+            headers.push((HeaderName::from_static("anthropic-version"), header_value(&key("anthropic_version"), version)?));
+            Some(EndpointUrls { chat: endpoint_url(&key("api_base"), &base, "/v1/messages")?, completions: None, embeddings: None })
         }
     };
     for (h, v) in &c.headers {
         let hname = HeaderName::try_from(h.as_str())
             .map_err(|_| ConfigError(format!("{}: `{h}` is not a header name", key("headers"))))?;
         if let Some(v) = secret(format!("{}.{h}", key("headers")), v, &mut disabled) {
-            let v = HeaderValue::try_from(v)
-                .map_err(|_| ConfigError(format!("{}.{h}: not a valid header value", key("headers"))))?;
+            let v = header_value(&format!("{}.{h}", key("headers")), &v)?;
             headers.retain(|(n, _)| *n != hname);
-            headers.push((hname, sensitive(v)));
+            headers.push((hname, v));
         }
     }
     if let Some(ca) = &c.ca_file {
@@ -577,34 +610,27 @@ fn compile_connection(
         timeouts,
         stream_usage: c.stream_usage.unwrap_or(true),
         forward_headers: c.forward_headers.iter().map(|h| Pattern::new(&h.to_ascii_lowercase())).collect(),
+        default_max_tokens,
     })
 }
 
-fn sensitive(mut v: HeaderValue) -> HeaderValue {
+/// A header value marked sensitive, so it never prints (`Debug` shows `Sensitive`).
+fn header_value(key: &str, v: &str) -> Result<HeaderValue, ConfigError> {
+    let mut v = HeaderValue::try_from(v).map_err(|_| ConfigError(format!("{key}: not a valid header value")))?;
     v.set_sensitive(true);
-    v
+    Ok(v)
 }
 
-fn endpoint_urls(key: &str, base: &str) -> Result<EndpointUrls, ConfigError> {
+fn endpoint_url(key: &str, base: &str, path: &str) -> Result<Uri, ConfigError> {
     let base = base.trim().trim_end_matches('/');
-    let parsed: Uri = base
-        .parse()
-        .map_err(|_| ConfigError(format!("{key}: `{base}` is not a URL")))?;
+    let parsed: Uri = base.parse().map_err(|_| ConfigError(format!("{key}: `{base}` is not a URL")))?;
     if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
         return err(format!("{key}: `{base}` must be an http:// or https:// URL with a host"));
     }
     if parsed.query().is_some() {
         return err(format!("{key}: `{base}` may not have a query string"));
     }
-    let url = |path: &str| -> Result<Uri, ConfigError> {
-        format!("{base}{path}").parse().map_err(|_| ConfigError(format!("{key}: `{base}` is not a URL")))
-    };
-    Ok(EndpointUrls {
-        chat: url("/chat/completions")?,
-        completions: url("/completions")?,
-        embeddings: url("/embeddings")?,
-        models: url("/models")?,
-    })
+    format!("{base}{path}").parse().map_err(|_| ConfigError(format!("{key}: `{base}` is not a URL")))
 }
 
 #[cfg(test)]
@@ -705,6 +731,22 @@ mod tests {
         assert!(!s.contains("secret"), "{s}");
         assert!(s.contains("key: set"), "{s}");
         assert!(format!("{cfg:?}").find("sk-very-secret").is_none());
+    }
+
+    #[test]
+    fn anthropic_connections_get_their_headers_and_url() {
+        let cfg = parse(
+            "[connections.a]\napi_type = \"anthropic\"\napi_key = \"env:AK\"\ndefault_max_tokens = 100\n",
+            &[("AK", "sk-ant")],
+        )
+        .unwrap();
+        let c = &cfg.connections[0];
+        assert_eq!(c.urls.as_ref().unwrap().chat.to_string(), "https://api.anthropic.com/v1/messages");
+        assert!(c.headers.iter().any(|(n, v)| n == "x-api-key" && v == "sk-ant"));
+        assert!(c.headers.iter().any(|(n, v)| n == "anthropic-version" && v == "2023-06-01"));
+        assert_eq!(c.default_max_tokens, 100);
+        let e = parse("[connections.o]\napi_type = \"openai\"\ndefault_max_tokens = 5\n", &[]).unwrap_err();
+        assert!(e.0.contains("anthropic"), "{e}");
     }
 
     #[test]

@@ -140,6 +140,17 @@ impl Error {
             .code("upstream_timeout")
     }
 
+    /// An error the upstream reported inside a stream, with its own type (e.g.
+    /// `overloaded_error`); rendered as the stream's final event.
+    pub fn in_stream(kind: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, kind, Side::Upstream, message)
+    }
+
+    /// An upstream error status mapped to ours, keeping the upstream's message.
+    pub fn upstream(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self::new(status, kind, Side::Upstream, message)
+    }
+
     /// Whether trying the same request on another candidate may succeed.
     pub fn retryable(&self) -> bool {
         self.side == Side::Upstream

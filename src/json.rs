@@ -270,7 +270,7 @@ pub fn usage_object(text: &[u8]) -> Option<Usage> {
     let mut u = Usage::default();
     let mut any = false;
     members(text, |key, value| {
-        let n = || std::str::from_utf8(&text[value.clone()]).ok()?.parse::<u64>().ok();
+        let n = || u64_of(&text[value.clone()]);
         match unescaped_key::<20>(key).as_ref().map(ShortKey::as_slice) {
             Some(b"prompt_tokens") => {
                 u.prompt = n().unwrap_or(0);
@@ -286,6 +286,11 @@ pub fn usage_object(text: &[u8]) -> Option<Usage> {
     })
     .ok()?;
     any.then_some(u)
+}
+
+/// A non-negative integer token.
+pub fn u64_of(token: &[u8]) -> Option<u64> {
+    std::str::from_utf8(token.trim_ascii()).ok()?.parse().ok()
 }
 
 fn is_empty_array(v: &[u8]) -> bool {

@@ -6,9 +6,9 @@
 //! bounded body read (max_request_bytes)  -> 413
 //! json::scan_request: model, stream      -> 400 (malformed, missing, duplicated)
 //! router.route(model)                    -> 404; disabled connection 503; group may not 403
-//! provider: mock answers in-process | openai builds the spliced upstream request
-//! client.send within header_timeout      -> 502 (connect/refused/closed), 504 (timeout)
-//! provider response -> Body (passthrough, observed for usage), record attached
+//! provider: mock answers in-process | openai splices the client's body | anthropic translates
+//! client::send within header_timeout     -> 502 (connect/refused/closed), 504 (timeout)
+//! provider response -> Body (passthrough observed for usage, or translated), record attached
 //! ```
 //!
 //! Every response carries the request's [`Record`], written once when its body is dropped.
@@ -18,7 +18,7 @@ use crate::client::{self, HttpClient};
 use crate::config::{ApiType, Config, ConfigError};
 use crate::error::Error;
 use crate::json::{self, RequestError};
-use crate::provider::{mock::Mock, openai, Api};
+use crate::provider::{anthropic, mock::Mock, openai, Api};
 use crate::record::{Outcome, Record};
 use crate::{auth, router::Pattern};
 use bytes::Bytes;
@@ -81,7 +81,7 @@ impl Proxy {
         let clients = config
             .connections
             .iter()
-            .map(|c| (c.api_type == ApiType::Openai).then(|| client::build(c)).transpose())
+            .map(|c| (c.api_type != ApiType::Mock).then(|| client::build(c)).transpose())
             .collect::<Result<_, _>>()?;
         Ok(Proxy { config: Arc::new(config), clients, mock: Mock::default(), draining: AtomicBool::new(false) })
     }
@@ -178,35 +178,35 @@ impl Proxy {
             return Err(Error::forbidden(format!("Your key (group `{}`) may not use model `{model}`.", g.name)));
         }
 
-        let client = match (conn.api_type, &self.clients[target.connection]) {
-            (ApiType::Mock, _) | (_, None) => {
-                let answer = self.mock.respond(api, &body, target.upstream_model(&model), headers)?;
+        let upstream_model = target.upstream_model(&model);
+        let client = self.clients[target.connection].as_ref();
+        match (conn.api_type, client) {
+            (ApiType::Openai, Some(client)) => {
+                let up = openai::request(conn, api, body, &fields, stream, target, headers)?;
+                let resp = client::send(client, conn, up.request).await?;
+                openai::response(conn, resp, stream, up.strip_usage)
+            }
+            (ApiType::Anthropic, Some(client)) => {
+                if api != Api::Chat {
+                    return Err(Error::invalid_request(format!(
+                        "Model `{model}` is served by an Anthropic connection, which has no /v1/{} endpoint.",
+                        api.name()
+                    ))
+                    .param("model"));
+                }
+                let translated = anthropic::request::translate(&body, upstream_model, conn.default_max_tokens)?;
+                let req = anthropic::upstream_request(conn, &translated, headers)?;
+                let resp = client::send(client, conn, req).await?;
+                let (response, usage) = anthropic::response(conn, resp, &translated).await?;
+                record.usage = usage.or(record.usage);
+                Ok(response)
+            }
+            _ => {
+                let answer = self.mock.respond(api, &body, upstream_model, headers)?;
                 record.usage = Some(answer.usage);
-                return Ok(answer.response);
+                Ok(answer.response)
             }
-            (ApiType::Openai, Some(c)) => c,
-        };
-        let up = openai::request(conn, api, body, &fields, stream, target, headers)?;
-        let sent = tokio::time::timeout(conn.timeouts.header, client.request(up.request)).await;
-        let resp = match sent {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(Error::bad_gateway(format!("Could not connect to connection `{}`.", conn.name)))
-            }
-            Ok(Err(_)) => {
-                return Err(Error::bad_gateway(format!(
-                    "Connection `{}`: the upstream closed the connection before answering.",
-                    conn.name
-                )))
-            }
-            Err(_) => {
-                return Err(Error::timeout(format!(
-                    "Connection `{}`: no response within {:?}.",
-                    conn.name, conn.timeouts.header
-                )))
-            }
-        };
-        openai::response(conn, resp, stream, up.strip_usage)
+        }
     }
 
     /// `GET /v1/models` and `/v1/models/{id}`: built from routing, filtered by the caller's group.

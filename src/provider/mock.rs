@@ -20,7 +20,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The text pieces of a reply, cycled. They exercise JSON escaping and multi-byte UTF-8.
 const PIECES: [&str; 16] = [
@@ -78,7 +78,7 @@ impl Mock {
             Api::Embeddings => self.embeddings(&req, model),
             _ => {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let reply = Reply { api, model, id, created: now(), chunks, usage: Usage { prompt, completion: chunks as u64 } };
+                let reply = Reply { api, model, id, created: super::unix_now(), chunks, usage: Usage { prompt, completion: chunks as u64 } };
                 let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
                 let response = if stream {
                     let include_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
@@ -200,10 +200,6 @@ fn embedding_inputs(input: Option<&Value>) -> Result<Vec<Vec<u8>>, Error> {
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn error_answer(status: u64) -> Result<Answer, Error> {

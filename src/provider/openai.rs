@@ -92,10 +92,11 @@ pub fn request(
 
     let urls = conn.urls.as_ref().ok_or_else(|| Error::unavailable("connection has no URL"))?;
     let uri = match api {
-        Api::Chat => &urls.chat,
-        Api::Completions => &urls.completions,
-        Api::Embeddings => &urls.embeddings,
-    };
+        Api::Chat => Some(&urls.chat),
+        Api::Completions => urls.completions.as_ref(),
+        Api::Embeddings => urls.embeddings.as_ref(),
+    }
+    .ok_or_else(|| Error::unavailable(format!("Connection `{}` does not serve this endpoint.", conn.name)))?;
     let mut req = Request::post(uri.clone())
         .body(Body::chunks(parts, std::time::Duration::ZERO))
         .map_err(|_| Error::bad_gateway("could not build the upstream request"))?;

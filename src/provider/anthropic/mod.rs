@@ -1,0 +1,277 @@
+//! Anthropic Messages API (`api_type = "anthropic"`): OpenAI chat in, OpenAI chat out.
+//!
+//! - [`request`]: the OpenAI chat request translated to a Messages request.
+//! - [`stream`]: the Messages event stream rewritten into OpenAI chunks, event by event.
+//! - here: the upstream request (`x-api-key`, `anthropic-version`), non-stream responses
+//!   (message → `chat.completion`), and error statuses (Anthropic error JSON → OpenAI error).
+//!
+//! Thinking output is exposed as `reasoning_content` (as DeepSeek and LiteLLM do); signatures
+//! are not sent to the client.
+
+pub mod request;
+pub mod stream;
+
+use super::Translate;
+use crate::body::{Body, Mode};
+use crate::config::Connection;
+use crate::error::Error;
+use crate::json::{self, Usage};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::time::Duration;
+
+/// Largest non-stream or error body read whole.
+const MAX_BODY: usize = 64 << 20;
+
+/// Client headers forwarded to Anthropic.
+const REQUEST_HEADERS: &[&str] = &["user-agent", "anthropic-beta", "x-request-id"];
+
+/// Builds the upstream Messages request.
+pub fn upstream_request(
+    conn: &Connection,
+    translated: &request::Translated,
+    client_headers: &HeaderMap,
+) -> Result<Request<Body>, Error> {
+    let urls = conn.urls.as_ref().ok_or_else(|| Error::unavailable("connection has no URL"))?;
+    let body = Bytes::from(translated.body.clone());
+    let mut req = Request::post(urls.chat.clone())
+        .body(Body::chunks(vec![body], Duration::ZERO))
+        .map_err(|_| Error::bad_gateway("could not build the upstream request"))?;
+    let h = req.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(translated.body.len()));
+    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    for (name, value) in client_headers {
+        if REQUEST_HEADERS.contains(&name.as_str()) || conn.forward_headers.iter().any(|p| p.matches(name.as_str())) {
+            h.append(name.clone(), value.clone());
+        }
+    }
+    for (name, value) in &conn.headers {
+        h.insert(name.clone(), value.clone());
+    }
+    Ok(req)
+}
+
+/// Turns the Messages response into the client's: a translated stream, a translated message,
+/// or a mapped error.
+pub async fn response(
+    conn: &Connection,
+    resp: Response<Incoming>,
+    translated: &request::Translated,
+) -> Result<(Response<Body>, Option<Usage>), Error> {
+    let status = resp.status();
+    if !status.is_success() {
+        let body = read(conn, resp.into_body()).await.unwrap_or_default();
+        return Err(error_of(conn, status, &body));
+    }
+    let is_sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if translated.stream && is_sse {
+        let translator: Box<dyn Translate> = Box::new(stream::Stream::new(translated.include_usage));
+        let body = Body::passthrough(resp.into_body(), Mode::translate(translator), conn.timeouts.idle, &conn.name);
+        let mut r = Response::new(body);
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok((r, None));
+    }
+    let body = read(conn, resp.into_body()).await?;
+    let (out, usage) = message(&body).ok_or_else(|| {
+        Error::bad_gateway(format!("Connection `{}`: the upstream answered with an unreadable message.", conn.name))
+    })?;
+    let mut r = Response::new(Body::full(out));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok((r, Some(usage)))
+}
+
+/// Reads a whole upstream body, bounded in size and by the idle timeout.
+async fn read(conn: &Connection, body: Incoming) -> Result<Bytes, Error> {
+    let collect = Limited::new(body, MAX_BODY).collect();
+    match tokio::time::timeout(conn.timeouts.idle, collect).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(_)) => Err(Error::bad_gateway(format!("Connection `{}`: the upstream body failed or was too large.", conn.name))),
+        Err(_) => Err(Error::timeout(format!("Connection `{}`: the upstream body stalled.", conn.name))),
+    }
+}
+
+/// The OpenAI error `type` for an Anthropic one, as a static string.
+pub fn known_error_type(kind: &str) -> &'static str {
+    match kind {
+        "invalid_request_error" => "invalid_request_error",
+        "authentication_error" => "authentication_error",
+        "permission_error" => "permission_error",
+        "not_found_error" => "not_found_error",
+        "request_too_large" => "request_too_large",
+        "rate_limit_error" => "rate_limit_error",
+        "overloaded_error" => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// An Anthropic error status and body as the client's OpenAI error. 401/403 mean the provider
+/// rejected the gateway's key: 502, and the body (which may echo key fragments) is dropped.
+fn error_of(conn: &Connection, status: StatusCode, body: &[u8]) -> Error {
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Error::bad_gateway(format!(
+            "Connection `{}` rejected the gateway's credentials (upstream status {}). Check the connection's api_key.",
+            conn.name,
+            status.as_u16()
+        ));
+    }
+    let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(body) else {
+        return Error::bad_gateway(format!("Connection `{}` answered with status {}.", conn.name, status.as_u16()));
+    };
+    let message = error.message;
+    match error.kind.as_str() {
+        "invalid_request_error" => Error::upstream(StatusCode::BAD_REQUEST, "invalid_request_error", message),
+        "not_found_error" => Error::upstream(StatusCode::NOT_FOUND, "invalid_request_error", message),
+        "request_too_large" => Error::upstream(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message),
+        "rate_limit_error" => Error::upstream(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message),
+        "overloaded_error" => {
+            Error::upstream(StatusCode::SERVICE_UNAVAILABLE, "api_error", format!("Anthropic is overloaded: {message}"))
+        }
+        "authentication_error" | "permission_error" => Error::bad_gateway(format!(
+            "Connection `{}` rejected the gateway's credentials. Check the connection's api_key.",
+            conn.name
+        )),
+        _ => Error::upstream(StatusCode::BAD_GATEWAY, "api_error", message),
+    }
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    id: &'a RawValue,
+    #[serde(borrow)]
+    model: &'a RawValue,
+    #[serde(borrow, default)]
+    content: Vec<ContentBlock<'a>>,
+    stop_reason: Option<String>,
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
+}
+
+/// A content block, flat: `RawValue` cannot sit inside a tagged enum.
+#[derive(Deserialize)]
+struct ContentBlock<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(borrow)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow)]
+    thinking: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+}
+
+/// A Messages response as an OpenAI `chat.completion`, and its usage.
+pub fn message(body: &[u8]) -> Option<(Vec<u8>, Usage)> {
+    let m: Message = serde_json::from_slice(body).ok()?;
+    let mut text = String::new();
+    let mut thinking = String::new();
+    let mut calls = Vec::new();
+    for b in &m.content {
+        let string = |v: Option<&RawValue>| v.and_then(|v| json::string_value(v.get().as_bytes()));
+        match b.kind.as_str() {
+            "text" => text.push_str(&string(b.text).unwrap_or_default()),
+            "thinking" => thinking.push_str(&string(b.thinking).unwrap_or_default()),
+            "tool_use" => calls.push(b),
+            _ => {}
+        }
+    }
+    let mut out = Vec::with_capacity(body.len() + 256);
+    out.extend_from_slice(b"{\"id\":");
+    out.extend_from_slice(m.id.get().as_bytes());
+    out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
+    out.extend_from_slice(super::unix_now().to_string().as_bytes());
+    out.extend_from_slice(b",\"model\":");
+    out.extend_from_slice(m.model.get().as_bytes());
+    out.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
+    if text.is_empty() && !calls.is_empty() {
+        out.extend_from_slice(b"null");
+    } else {
+        json::write_str(&mut out, &text);
+    }
+    if !thinking.is_empty() {
+        out.extend_from_slice(b",\"reasoning_content\":");
+        json::write_str(&mut out, &thinking);
+    }
+    if !calls.is_empty() {
+        out.extend_from_slice(b",\"tool_calls\":[");
+        for (i, c) in calls.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"id\":");
+            out.extend_from_slice(c.id.map_or("\"\"", |v| v.get()).as_bytes());
+            out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
+            out.extend_from_slice(c.name.map_or("\"\"", |v| v.get()).as_bytes());
+            out.extend_from_slice(b",\"arguments\":");
+            // The input object, as written, becomes the arguments string.
+            json::write_str(&mut out, c.input.map_or("{}", |v| v.get()).trim());
+            out.extend_from_slice(b"}}");
+        }
+        out.push(b']');
+    }
+    let finish = m.stop_reason.as_deref().map_or("stop", |r| stream::finish_reason(r.as_bytes()));
+    out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":\"");
+    out.extend_from_slice(finish.as_bytes());
+    out.extend_from_slice(b"\"}],\"usage\":");
+    let mut tokens = UsageJson::default();
+    if let Some(u) = m.usage {
+        tokens = serde_json::from_str(u.get()).unwrap_or_default();
+    }
+    let usage = tokens.usage();
+    out.extend_from_slice(
+        format!(
+            "{{\"prompt_tokens\":{},\"completion_tokens\":{},\"total_tokens\":{},\"prompt_tokens_details\":{{\"cached_tokens\":{}}}}}}}",
+            usage.prompt,
+            usage.completion,
+            usage.prompt + usage.completion,
+            tokens.cache_read_input_tokens.unwrap_or(0)
+        )
+        .as_bytes(),
+    );
+    Some((out, usage))
+}
+
+#[derive(Deserialize, Default)]
+struct UsageJson {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+impl UsageJson {
+    fn usage(&self) -> Usage {
+        let n = |v: Option<u64>| v.unwrap_or(0);
+        Usage {
+            prompt: n(self.input_tokens) + n(self.cache_read_input_tokens) + n(self.cache_creation_input_tokens),
+            completion: n(self.output_tokens),
+        }
+    }
+}

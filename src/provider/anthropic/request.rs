@@ -1,0 +1,611 @@
+//! OpenAI chat request → Anthropic Messages request.
+//!
+//! Mapping (WIRE-FORMATS.md §4.1, §9.3, §9.4): `system` and `developer` messages become the
+//! top-level `system` blocks, in order; user and assistant content (strings or parts) becomes
+//! content blocks (text; `image_url` data: URLs → base64 sources, http(s) URLs → url sources);
+//! assistant `tool_calls` → `tool_use` blocks, their JSON-string `arguments` embedded as the
+//! `input` object without a re-serialisation; `tool` messages → `tool_result` blocks in a user
+//! turn; consecutive same-role turns are merged (Anthropic requires alternation); `max_tokens` /
+//! `max_completion_tokens`, else the connection's default (Anthropic requires one); `stop` →
+//! `stop_sequences`; `user` → `metadata.user_id`; tools → `input_schema`; `tool_choice` and
+//! `parallel_tool_calls` → `tool_choice`. Parameters Anthropic cannot honour are a 400 naming
+//! the parameter when their value matters, and are accepted when their value is a no-op.
+//!
+//! Requests are parsed fully here (serde_json, with `RawValue` for schemas and arguments so
+//! nested JSON goes through as written): translation needs the whole tree anyway, and a request
+//! is parsed once while its response may be thousands of events.
+
+use crate::error::Error;
+use crate::json;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// What the stream translator needs to know from the request.
+pub struct Translated {
+    /// The Anthropic request body.
+    pub body: Vec<u8>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// The client asked for `stream_options.include_usage`.
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest<'a> {
+    #[serde(borrow)]
+    messages: Vec<InMessage<'a>>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    #[serde(borrow)]
+    tools: Option<Vec<InTool<'a>>>,
+    #[serde(borrow)]
+    tool_choice: Option<&'a RawValue>,
+    parallel_tool_calls: Option<bool>,
+    user: Option<String>,
+    // Parameters that cannot be honoured: checked below.
+    n: Option<u64>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<u64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    #[serde(borrow)]
+    logit_bias: Option<&'a RawValue>,
+    response_format: Option<ResponseFormat>,
+    seed: Option<i64>,
+    #[serde(borrow)]
+    audio: Option<&'a RawValue>,
+    modalities: Option<Vec<String>>,
+    #[serde(borrow)]
+    prediction: Option<&'a RawValue>,
+    reasoning_effort: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct InMessage<'a> {
+    role: String,
+    #[serde(default)]
+    content: Option<InContent>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<InToolCall<'a>>>,
+    tool_call_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InContent {
+    Text(String),
+    Parts(Vec<InPart>),
+}
+
+#[derive(Deserialize)]
+struct InPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+    image_url: Option<ImageUrl>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ImageUrl {
+    Object { url: String },
+    Url(String),
+}
+
+#[derive(Deserialize)]
+struct InToolCall<'a> {
+    id: String,
+    #[serde(borrow)]
+    function: InCall<'a>,
+}
+
+#[derive(Deserialize)]
+struct InCall<'a> {
+    name: String,
+    #[serde(borrow)]
+    arguments: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct InTool<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(borrow)]
+    function: Option<InFunction<'a>>,
+}
+
+#[derive(Deserialize)]
+struct InFunction<'a> {
+    name: String,
+    description: Option<String>,
+    #[serde(borrow)]
+    parameters: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum InToolChoice {
+    Mode(String),
+    Named { function: NamedFunction },
+}
+
+#[derive(Deserialize)]
+struct NamedFunction {
+    name: String,
+}
+
+#[derive(Serialize)]
+struct MessagesRequest<'a> {
+    model: &'a str,
+    max_tokens: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    system: Vec<Block>,
+    messages: Vec<Turn>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stop_sequences: Vec<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<Metadata>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<ToolOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<ToolChoiceOut>,
+}
+
+#[derive(Serialize)]
+struct Metadata {
+    user_id: String,
+}
+
+#[derive(Serialize)]
+struct Turn {
+    role: &'static str,
+    content: Vec<Block>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block {
+    Text { text: String },
+    Image { source: ImageSource },
+    ToolUse { id: String, name: String, input: Box<RawValue> },
+    ToolResult { tool_use_id: String, content: Vec<Block> },
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ImageSource {
+    Base64 { media_type: String, data: String },
+    Url { url: String },
+}
+
+#[derive(Serialize)]
+struct ToolOut<'a> {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    input_schema: &'a RawValue,
+}
+
+#[derive(Serialize)]
+struct ToolChoiceOut {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    disable_parallel_tool_use: bool,
+}
+
+fn bad(param: &'static str, message: impl Into<String>) -> Error {
+    Error::invalid_request(message).param(param)
+}
+
+fn unsupported(param: &'static str) -> Error {
+    bad(param, format!("`{param}` is not supported for Anthropic models with this value."))
+}
+
+/// Translates an OpenAI chat request body (already validated JSON) for `model`.
+pub fn translate(body: &[u8], model: &str, default_max_tokens: u64) -> Result<Translated, Error> {
+    let req: ChatRequest = serde_json::from_slice(body)
+        .map_err(|e| Error::invalid_request(format!("Invalid chat completion request: {e}.")))?;
+    reject_unsupported(&req)?;
+
+    let mut system = Vec::new();
+    let mut turns: Vec<Turn> = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.into_iter().enumerate() {
+        let (role, blocks) = match m.role.as_str() {
+            "system" | "developer" => {
+                system.extend(text_blocks(m.content, i)?);
+                continue;
+            }
+            "user" => ("user", content_blocks(m.content, i)?),
+            "assistant" => {
+                let mut blocks = text_blocks(m.content, i)?;
+                for call in m.tool_calls.unwrap_or_default() {
+                    blocks.push(tool_use(call, i)?);
+                }
+                ("assistant", blocks)
+            }
+            "tool" => {
+                let id = m
+                    .tool_call_id
+                    .ok_or_else(|| bad("messages", format!("messages[{i}]: a tool message needs `tool_call_id`.")))?;
+                ("user", vec![Block::ToolResult { tool_use_id: id, content: text_blocks(m.content, i)? }])
+            }
+            other => return Err(bad("messages", format!("messages[{i}]: unknown role `{other}`."))),
+        };
+        if blocks.is_empty() {
+            continue;
+        }
+        match turns.last_mut() {
+            Some(last) if last.role == role => last.content.extend(blocks),
+            _ => turns.push(Turn { role, content: blocks }),
+        }
+    }
+    if turns.is_empty() {
+        return Err(bad("messages", "`messages` must contain at least one user or assistant message with content."));
+    }
+    // Anthropic rejects a final assistant turn (a prefill) that ends in white space.
+    if let Some(Turn { role: "assistant", content }) = turns.last_mut() {
+        if let Some(Block::Text { text }) = content.last_mut() {
+            text.truncate(text.trim_end().len());
+        }
+    }
+
+    let tools: Vec<ToolOut> = req
+        .tools
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| match (t.kind.as_str(), t.function) {
+            ("function", Some(f)) => Ok(ToolOut {
+                name: f.name,
+                description: f.description,
+                input_schema: f.parameters.unwrap_or(empty_schema()),
+            }),
+            _ => Err(bad("tools", format!("Tool type `{}` is not supported; use function tools.", t.kind))),
+        })
+        .collect::<Result<_, _>>()?;
+    let tool_choice = tool_choice(req.tool_choice, req.parallel_tool_calls)?;
+
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(default_max_tokens);
+    let stop_sequences = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    }
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect();
+    let stream = req.stream.unwrap_or(false);
+    let out = MessagesRequest {
+        model,
+        max_tokens,
+        system,
+        messages: turns,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        stop_sequences,
+        stream,
+        metadata: req.user.map(|user_id| Metadata { user_id }),
+        tools,
+        tool_choice,
+    };
+    let body = serde_json::to_vec(&out).map_err(|e| Error::invalid_request(format!("Cannot translate the request: {e}.")))?;
+    let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+    Ok(Translated { body, stream, include_usage })
+}
+
+fn reject_unsupported(r: &ChatRequest) -> Result<(), Error> {
+    let nonzero = |v: Option<f64>| v.is_some_and(|x| x != 0.0);
+    let present = |v: Option<&RawValue>| v.is_some_and(|v| !matches!(v.get().trim(), "null" | "{}"));
+    if r.n.is_some_and(|n| n != 1) {
+        return Err(bad("n", "`n` other than 1 is not supported for Anthropic models."));
+    }
+    if r.logprobs == Some(true) || r.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(unsupported(if r.logprobs == Some(true) { "logprobs" } else { "top_logprobs" }));
+    }
+    if nonzero(r.presence_penalty) {
+        return Err(unsupported("presence_penalty"));
+    }
+    if nonzero(r.frequency_penalty) {
+        return Err(unsupported("frequency_penalty"));
+    }
+    if present(r.logit_bias) {
+        return Err(unsupported("logit_bias"));
+    }
+    if r.response_format.as_ref().is_some_and(|f| f.kind != "text") {
+        return Err(unsupported("response_format"));
+    }
+    if r.seed.is_some() {
+        return Err(unsupported("seed"));
+    }
+    if present(r.audio) || r.modalities.as_ref().is_some_and(|m| m.iter().any(|m| m != "text")) {
+        return Err(unsupported(if present(r.audio) { "audio" } else { "modalities" }));
+    }
+    if present(r.prediction) {
+        return Err(unsupported("prediction"));
+    }
+    if r.reasoning_effort.is_some() {
+        return Err(bad("reasoning_effort", "`reasoning_effort` is not mapped to Anthropic thinking yet."));
+    }
+    Ok(())
+}
+
+fn empty_schema() -> &'static RawValue {
+    static SCHEMA: std::sync::LazyLock<Box<RawValue>> = std::sync::LazyLock::new(|| {
+        RawValue::from_string(r#"{"type":"object","properties":{}}"#.to_owned()).expect("valid JSON")
+    });
+    &SCHEMA
+}
+
+/// Text content only (system, assistant and tool messages).
+fn text_blocks(content: Option<InContent>, i: usize) -> Result<Vec<Block>, Error> {
+    let parts = match content {
+        None => return Ok(Vec::new()),
+        Some(InContent::Text(t)) => return Ok(non_empty(t).into_iter().collect()),
+        Some(InContent::Parts(p)) => p,
+    };
+    parts
+        .into_iter()
+        .filter_map(|p| match (p.kind.as_str(), p.text) {
+            ("text", Some(t)) => non_empty(t).map(Ok),
+            (kind, _) => Some(Err(bad("messages", format!("messages[{i}]: content part `{kind}` is not allowed in this message.")))),
+        })
+        .collect()
+}
+
+fn non_empty(text: String) -> Option<Block> {
+    // Anthropic rejects empty text blocks.
+    (!text.is_empty()).then_some(Block::Text { text })
+}
+
+/// User content: text and images.
+fn content_blocks(content: Option<InContent>, i: usize) -> Result<Vec<Block>, Error> {
+    let parts = match content {
+        Some(InContent::Parts(p)) => p,
+        other => return text_blocks(other, i),
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        match (p.kind.as_str(), p.text, p.image_url) {
+            ("text", Some(t), _) => out.extend(non_empty(t)),
+            ("image_url", _, Some(img)) => {
+                let url = match img {
+                    ImageUrl::Object { url } | ImageUrl::Url(url) => url,
+                };
+                out.push(Block::Image { source: image_source(url, i)? });
+            }
+            (kind, _, _) => {
+                return Err(bad("messages", format!("messages[{i}]: content part `{kind}` is not supported for Anthropic models.")))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn image_source(url: String, i: usize) -> Result<ImageSource, Error> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        if let Some((media_type, data)) = rest.split_once(";base64,") {
+            return Ok(ImageSource::Base64 { media_type: media_type.to_owned(), data: data.to_owned() });
+        }
+        return Err(bad("messages", format!("messages[{i}]: image data URLs must be base64 (`data:<type>;base64,...`).")));
+    }
+    if url.starts_with("https://") || url.starts_with("http://") {
+        return Ok(ImageSource::Url { url });
+    }
+    Err(bad("messages", format!("messages[{i}]: an image URL must be https:// or a data: URL.")))
+}
+
+fn tool_use(call: InToolCall, i: usize) -> Result<Block, Error> {
+    let args = call.function.arguments.as_deref().unwrap_or("").trim();
+    let input = if args.is_empty() { "{}" } else { args };
+    // The arguments string must hold a JSON object; it is embedded as written.
+    if json::members(input.as_bytes(), |_, _| true).is_err() {
+        return Err(bad(
+            "messages",
+            format!("messages[{i}]: tool call `{}` has arguments that are not a JSON object.", call.id),
+        ));
+    }
+    let input = RawValue::from_string(input.to_owned())
+        .map_err(|_| bad("messages", format!("messages[{i}]: invalid tool call arguments.")))?;
+    Ok(Block::ToolUse { id: call.id, name: call.function.name, input })
+}
+
+fn tool_choice(choice: Option<&RawValue>, parallel: Option<bool>) -> Result<Option<ToolChoiceOut>, Error> {
+    let disable_parallel_tool_use = parallel == Some(false);
+    let parsed: Option<InToolChoice> = match choice {
+        None => None,
+        Some(raw) if raw.get().trim() == "null" => None,
+        Some(raw) => Some(serde_json::from_str(raw.get()).map_err(|_| bad("tool_choice", "Invalid `tool_choice`."))?),
+    };
+    let (kind, name) = match parsed {
+        None if disable_parallel_tool_use => ("auto", None),
+        None => return Ok(None),
+        Some(InToolChoice::Mode(m)) => match m.as_str() {
+            "auto" => ("auto", None),
+            "required" => ("any", None),
+            "none" => ("none", None),
+            _ => return Err(bad("tool_choice", format!("Unknown `tool_choice` `{m}`."))),
+        },
+        Some(InToolChoice::Named { function }) => ("tool", Some(function.name)),
+    };
+    Ok(Some(ToolChoiceOut { kind, name, disable_parallel_tool_use: disable_parallel_tool_use && kind != "none" }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn tr(req: Value) -> Value {
+        let t = translate(req.to_string().as_bytes(), "claude-x", 1024).unwrap();
+        serde_json::from_slice(&t.body).unwrap()
+    }
+
+    fn err(req: Value) -> Error {
+        translate(req.to_string().as_bytes(), "claude-x", 1024).err().unwrap()
+    }
+
+    #[test]
+    fn system_and_developer_messages_become_top_level_system() {
+        let out = tr(json!({"model":"m","messages":[
+            {"role":"system","content":"be brief"},
+            {"role":"user","content":"hi"},
+            {"role":"developer","content":[{"type":"text","text":"and kind"}]}
+        ]}));
+        assert_eq!(out["system"], json!([{"type":"text","text":"be brief"},{"type":"text","text":"and kind"}]));
+        assert_eq!(out["messages"], json!([{"role":"user","content":[{"type":"text","text":"hi"}]}]));
+        assert_eq!(out["model"], "claude-x");
+        assert_eq!(out["max_tokens"], 1024);
+    }
+
+    #[test]
+    fn tool_calls_and_results_become_blocks_in_alternating_turns() {
+        let out = tr(json!({"model":"m","messages":[
+            {"role":"user","content":"weather?"},
+            {"role":"assistant","content":"Let me check. ","tool_calls":[
+                {"id":"toolu_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}},
+                {"id":"toolu_2","type":"function","function":{"name":"now","arguments":""}}]},
+            {"role":"tool","tool_call_id":"toolu_1","content":"12C"},
+            {"role":"tool","tool_call_id":"toolu_2","content":[{"type":"text","text":"noon"}]},
+            {"role":"user","content":"thanks"}
+        ]}));
+        assert_eq!(out["messages"], json!([
+            {"role":"user","content":[{"type":"text","text":"weather?"}]},
+            {"role":"assistant","content":[
+                {"type":"text","text":"Let me check. "},
+                {"type":"tool_use","id":"toolu_1","name":"get_weather","input":{"city":"Paris"}},
+                {"type":"tool_use","id":"toolu_2","name":"now","input":{}}]},
+            {"role":"user","content":[
+                {"type":"tool_result","tool_use_id":"toolu_1","content":[{"type":"text","text":"12C"}]},
+                {"type":"tool_result","tool_use_id":"toolu_2","content":[{"type":"text","text":"noon"}]},
+                {"type":"text","text":"thanks"}]}
+        ]));
+    }
+
+    #[test]
+    fn images_map_to_base64_and_url_sources() {
+        let out = tr(json!({"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"what is this"},
+            {"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}},
+            {"type":"image_url","image_url":{"url":"https://example.com/cat.jpg","detail":"low"}}
+        ]}]}));
+        assert_eq!(out["messages"][0]["content"][1], json!({"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBORw0KGgo="}}));
+        assert_eq!(out["messages"][0]["content"][2], json!({"type":"image","source":{"type":"url","url":"https://example.com/cat.jpg"}}));
+        assert_eq!(err(json!({"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"ftp://x"}}]}]})).param, Some("messages"));
+    }
+
+    #[test]
+    fn tools_and_tool_choice_map() {
+        let base = json!({"model":"m","messages":[{"role":"user","content":"x"}],
+            "tools":[{"type":"function","function":{"name":"f","description":"d","parameters":{"type":"object","properties":{"a":{"type":"string"}}}}},
+                     {"type":"function","function":{"name":"g"}}]});
+        let out = tr(base.clone());
+        assert_eq!(out["tools"][0], json!({"name":"f","description":"d","input_schema":{"type":"object","properties":{"a":{"type":"string"}}}}));
+        assert_eq!(out["tools"][1], json!({"name":"g","input_schema":{"type":"object","properties":{}}}));
+        assert!(out.get("tool_choice").is_none());
+        for (choice, parallel, want) in [
+            (json!("auto"), None, json!({"type":"auto"})),
+            (json!("required"), None, json!({"type":"any"})),
+            (json!("none"), None, json!({"type":"none"})),
+            (json!({"type":"function","function":{"name":"f"}}), Some(false), json!({"type":"tool","name":"f","disable_parallel_tool_use":true})),
+            (Value::Null, Some(false), json!({"type":"auto","disable_parallel_tool_use":true})),
+        ] {
+            let mut req = base.clone();
+            req["tool_choice"] = choice;
+            if let Some(p) = parallel {
+                req["parallel_tool_calls"] = json!(p);
+            }
+            assert_eq!(tr(req)["tool_choice"], want);
+        }
+    }
+
+    #[test]
+    fn sampling_parameters_map() {
+        let out = tr(json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":10,"max_completion_tokens":20,
+            "temperature":0.5,"top_p":0.9,"stop":"END","user":"u-1","stream":true,"n":1,"presence_penalty":0,"logprobs":false}));
+        assert_eq!(out["max_tokens"], 20);
+        assert_eq!(out["temperature"], 0.5);
+        assert_eq!(out["top_p"], 0.9);
+        assert_eq!(out["stop_sequences"], json!(["END"]));
+        assert_eq!(out["metadata"], json!({"user_id":"u-1"}));
+        assert_eq!(out["stream"], true);
+        assert_eq!(tr(json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":7}))["max_tokens"], 7);
+        assert_eq!(tr(json!({"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a",""]}))["stop_sequences"], json!(["a"]));
+    }
+
+    #[test]
+    fn parameters_that_cannot_be_honoured_are_400_naming_them() {
+        let msgs = json!([{"role":"user","content":"x"}]);
+        for (k, v) in [
+            ("n", json!(2)),
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(3)),
+            ("presence_penalty", json!(0.5)),
+            ("frequency_penalty", json!(1)),
+            ("logit_bias", json!({"50256": -100})),
+            ("response_format", json!({"type":"json_object"})),
+            ("seed", json!(1)),
+            ("reasoning_effort", json!("high")),
+        ] {
+            let mut req = json!({"model":"m","messages":msgs});
+            req[k] = v;
+            let e = translate(req.to_string().as_bytes(), "c", 10).err().unwrap();
+            assert_eq!(e.param, Some(match k { "top_logprobs" => "top_logprobs", k => Box::leak(k.to_owned().into_boxed_str()) }), "{k}");
+            assert_eq!(e.status, 400);
+        }
+        let ok = json!({"model":"m","messages":msgs,"n":1,"logprobs":false,"presence_penalty":0.0,"logit_bias":{},"response_format":{"type":"text"}});
+        assert!(translate(ok.to_string().as_bytes(), "c", 10).is_ok());
+    }
+
+    #[test]
+    fn trailing_space_of_an_assistant_prefill_is_trimmed() {
+        let out = tr(json!({"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":"The answer is "}]}));
+        assert_eq!(out["messages"][1]["content"][0]["text"], "The answer is");
+    }
+
+    #[test]
+    fn bad_messages_are_400() {
+        assert_eq!(err(json!({"model":"m","messages":[{"role":"system","content":"only system"}]})).param, Some("messages"));
+        assert_eq!(err(json!({"model":"m","messages":[{"role":"wizard","content":"x"}]})).param, Some("messages"));
+        let bad_args = json!({"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"not json"}}]}]});
+        assert_eq!(err(bad_args).param, Some("messages"));
+        assert_eq!(err(json!({"model":"m"})).status, 400);
+    }
+
+    #[test]
+    fn include_usage_is_reported() {
+        let t = translate(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"x"}]}"#, "c", 1).unwrap();
+        assert!(t.stream && t.include_usage);
+    }
+}

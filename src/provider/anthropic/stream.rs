@@ -1,0 +1,367 @@
+//! Anthropic Messages stream → OpenAI `chat.completion.chunk` SSE, event by event.
+//!
+//! Each event's JSON is read by the hand-written scanner ([`json::members`]), which finds keys
+//! by depth whatever their order and padding (Anthropic pads objects with spaces and reorders
+//! keys between recordings). Text, thinking and tool-argument fragments are copied as raw JSON
+//! string tokens: never unescaped and re-escaped, since both sides use JSON string syntax. The
+//! output goes into the body's reused buffer; the chunk prefix (`id`, `created`, `model`) is
+//! rendered once at `message_start`. No allocation per event in steady state.
+//!
+//! Mapping (WIRE-FORMATS.md §4.3, §9.5): `message_start` → role chunk; `text_delta` → content;
+//! `tool_use` start → a `tool_calls` delta whose OpenAI index counts tool blocks only, with id,
+//! name and empty arguments; `input_json_delta` → an arguments fragment (empty ones dropped; a
+//! tool that got none gets `"{}"` at its stop); `thinking_delta` → `reasoning_content`;
+//! `signature_delta`, `ping` and unknown events → nothing; `message_delta` → the finish chunk,
+//! then the usage chunk when the client asked for it; `message_stop` → `[DONE]`; `error` → the
+//! body's final error event.
+
+use crate::error::Error;
+use crate::json::{self, unescaped_key, Usage};
+use crate::provider::Translate;
+use crate::sse::Event;
+use bytes::{BufMut, BytesMut};
+use std::ops::Range;
+
+/// What an Anthropic content block is, by its index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Block {
+    Text,
+    /// A tool_use block: its OpenAI tool index, and whether any argument fragment was sent.
+    Tool { k: u32, args: bool },
+    Thinking,
+    Other,
+}
+
+/// Token counts as Anthropic reports them.
+#[derive(Default, Clone, Copy, Debug)]
+struct Tokens {
+    input: u64,
+    cache_read: u64,
+    cache_creation: u64,
+    output: u64,
+    seen: bool,
+}
+
+impl Tokens {
+    /// Reads a usage object; fields that are absent or null keep their value.
+    fn read(&mut self, text: &[u8]) {
+        let _ = json::members(text, |k, v| {
+            let n = json::u64_of(&text[v]);
+            if let (Some(k), Some(n)) = (unescaped_key::<32>(k), n) {
+                self.seen = true;
+                match k.as_slice() {
+                    b"input_tokens" => self.input = n,
+                    b"output_tokens" => self.output = n,
+                    b"cache_read_input_tokens" => self.cache_read = n,
+                    b"cache_creation_input_tokens" => self.cache_creation = n,
+                    _ => {}
+                }
+            }
+            true
+        });
+    }
+
+    fn usage(&self) -> Usage {
+        Usage { prompt: self.input + self.cache_read + self.cache_creation, completion: self.output }
+    }
+}
+
+/// The stream translator: one per response.
+pub struct Stream {
+    include_usage: bool,
+    /// `data: {"id":..,"object":"chat.completion.chunk","created":..,"model":..,"choices":[`
+    prefix: Vec<u8>,
+    blocks: Vec<Block>,
+    next_tool: u32,
+    tokens: Tokens,
+    done: bool,
+}
+
+impl Stream {
+    /// A translator; `include_usage` is whether the client asked for the usage chunk.
+    pub fn new(include_usage: bool) -> Self {
+        Stream { include_usage, prefix: Vec::new(), blocks: Vec::new(), next_tool: 0, tokens: Tokens::default(), done: false }
+    }
+
+    /// One chunk with `delta` (a JSON object text) and a finish reason.
+    fn chunk(&self, out: &mut BytesMut, delta: &[&[u8]], finish: Option<&str>) {
+        out.put_slice(&self.prefix);
+        out.put_slice(b"{\"index\":0,\"delta\":");
+        for part in delta {
+            out.put_slice(part);
+        }
+        out.put_slice(b",\"logprobs\":null,\"finish_reason\":");
+        match finish {
+            Some(f) => {
+                out.put_u8(b'"');
+                out.put_slice(f.as_bytes());
+                out.put_u8(b'"');
+            }
+            None => out.put_slice(b"null"),
+        }
+        out.put_slice(b"}]");
+        if self.include_usage {
+            out.put_slice(b",\"usage\":null");
+        }
+        out.put_slice(b"}\n\n");
+    }
+
+    fn message_start(&mut self, data: &[u8], out: &mut BytesMut) {
+        let mut message = None;
+        let _ = json::members(data, |k, v| {
+            if key_is(k, b"message") {
+                message = Some(v);
+            }
+            true
+        });
+        let (mut id, mut model): (&[u8], &[u8]) = (b"\"chatcmpl-lmgate\"", b"\"unknown\"");
+        if let Some(m) = message {
+            let m = &data[m];
+            let _ = json::members(m, |k, v| {
+                match unescaped_key::<8>(k).as_ref().map(|k| k.as_slice()) {
+                    Some(b"id") if m[v.start] == b'"' => id = &m[v],
+                    Some(b"model") if m[v.start] == b'"' => model = &m[v],
+                    Some(b"usage") => self.tokens.read(&m[v]),
+                    _ => {}
+                }
+                true
+            });
+        }
+        self.prefix.clear();
+        self.prefix.extend_from_slice(b"data: {\"id\":");
+        self.prefix.extend_from_slice(id);
+        self.prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        self.prefix.extend_from_slice(itoa(crate::provider::unix_now()).as_bytes());
+        self.prefix.extend_from_slice(b",\"model\":");
+        self.prefix.extend_from_slice(model);
+        self.prefix.extend_from_slice(b",\"choices\":[");
+        self.chunk(out, &[b"{\"role\":\"assistant\",\"content\":\"\"}"], None);
+    }
+
+    fn block_start(&mut self, data: &[u8], out: &mut BytesMut) {
+        let (index, block) = index_and(data, b"content_block");
+        let (Some(index), Some(block)) = (index, block) else { return };
+        let b = &data[block];
+        let f = fields(b, &[b"type", b"text", b"id", b"name", b"thinking"]);
+        let kind = match f[0].clone().map(|r| &b[r]) {
+            Some(t) if str_is(t, b"text") => {
+                if let Some(t) = f[1].clone().map(|r| &b[r]).filter(|t| !empty_str(t)) {
+                    self.chunk(out, &[b"{\"content\":", t, b"}"], None);
+                }
+                Block::Text
+            }
+            Some(t) if str_is(t, b"tool_use") => {
+                let k = self.next_tool;
+                self.next_tool += 1;
+                let id = f[2].clone().map_or(&b"\"\""[..], |r| &b[r]);
+                let name = f[3].clone().map_or(&b"\"\""[..], |r| &b[r]);
+                self.chunk(
+                    out,
+                    &[b"{\"tool_calls\":[{\"index\":", itoa(k as u64).as_bytes(), b",\"id\":", id, b",\"type\":\"function\",\"function\":{\"name\":", name, b",\"arguments\":\"\"}}]}"],
+                    None,
+                );
+                Block::Tool { k, args: false }
+            }
+            Some(t) if str_is(t, b"thinking") => {
+                if let Some(t) = f[4].clone().map(|r| &b[r]).filter(|t| !empty_str(t)) {
+                    self.chunk(out, &[b"{\"reasoning_content\":", t, b"}"], None);
+                }
+                Block::Thinking
+            }
+            _ => Block::Other,
+        };
+        if self.blocks.len() <= index {
+            self.blocks.resize(index + 1, Block::Other);
+        }
+        self.blocks[index] = kind;
+    }
+
+    fn block_delta(&mut self, data: &[u8], out: &mut BytesMut) {
+        let (index, delta) = index_and(data, b"delta");
+        let (Some(index), Some(delta)) = (index, delta) else { return };
+        let d = &data[delta];
+        let f = fields(d, &[b"type", b"text", b"partial_json", b"thinking"]);
+        let Some(kind) = f[0].clone().map(|r| &d[r]) else { return };
+        let value = |i: usize| f[i].clone().map(|r| &d[r]).filter(|t| !empty_str(t));
+        if str_is(kind, b"text_delta") {
+            if let Some(t) = value(1) {
+                self.chunk(out, &[b"{\"content\":", t, b"}"], None);
+            }
+        } else if str_is(kind, b"input_json_delta") {
+            if let (Some(t), Some(Block::Tool { k, args })) = (value(2), self.blocks.get_mut(index)) {
+                *args = true;
+                let k = *k;
+                self.chunk(out, &[b"{\"tool_calls\":[{\"index\":", itoa(k as u64).as_bytes(), b",\"function\":{\"arguments\":", t, b"}}]}"], None);
+            }
+        } else if str_is(kind, b"thinking_delta") {
+            if let Some(t) = value(3) {
+                self.chunk(out, &[b"{\"reasoning_content\":", t, b"}"], None);
+            }
+        }
+        // signature_delta, citations_delta and future kinds: nothing for an OpenAI client.
+    }
+
+    fn block_stop(&mut self, data: &[u8], out: &mut BytesMut) {
+        let (Some(index), _) = index_and(data, b"") else { return };
+        if let Some(Block::Tool { k, args: false }) = self.blocks.get(index).copied() {
+            self.chunk(out, &[b"{\"tool_calls\":[{\"index\":", itoa(k as u64).as_bytes(), b",\"function\":{\"arguments\":\"{}\"}}]}"], None);
+        }
+    }
+
+    fn message_delta(&mut self, data: &[u8], out: &mut BytesMut) {
+        let f = fields(data, &[b"delta", b"usage"]);
+        let mut finish = "stop";
+        if let Some(d) = f[0].clone() {
+            let d = &data[d];
+            if let Some(r) = fields(d, &[b"stop_reason"])[0].clone() {
+                if let Some(reason) = unescaped_key::<40>(&d[r]) {
+                    finish = finish_reason(reason.as_slice());
+                }
+            }
+        }
+        if let Some(u) = f[1].clone() {
+            self.tokens.read(&data[u]);
+        }
+        self.chunk(out, &[b"{}"], Some(finish));
+        if self.include_usage {
+            let u = self.tokens.usage();
+            // The usage chunk replaces `"choices":[` in the prefix with an empty list.
+            out.put_slice(&self.prefix[..self.prefix.len() - 1]);
+            out.put_slice(b"],\"usage\":{\"prompt_tokens\":");
+            out.put_slice(itoa(u.prompt).as_bytes());
+            out.put_slice(b",\"completion_tokens\":");
+            out.put_slice(itoa(u.completion).as_bytes());
+            out.put_slice(b",\"total_tokens\":");
+            out.put_slice(itoa(u.prompt + u.completion).as_bytes());
+            out.put_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
+            out.put_slice(itoa(self.tokens.cache_read).as_bytes());
+            out.put_slice(b"}}}\n\n");
+        }
+    }
+}
+
+impl Translate for Stream {
+    fn event(&mut self, ev: &Event<'_>, out: &mut BytesMut) -> Result<(), Error> {
+        if self.done {
+            return Ok(());
+        }
+        let data = ev.data;
+        // The event name equals the JSON `type`; fall back to the JSON when a proxy dropped it.
+        let name: &[u8] = match (ev.event, fields(data, &[b"type"])[0].clone()) {
+            (name, _) if !name.is_empty() => name,
+            (_, Some(r)) if r.len() >= 2 => &data[r.start + 1..r.end - 1],
+            _ => b"",
+        };
+        match name {
+            b"message_start" => self.message_start(data, out),
+            b"content_block_start" => self.block_start(data, out),
+            b"content_block_delta" => self.block_delta(data, out),
+            b"content_block_stop" => self.block_stop(data, out),
+            b"message_delta" => self.message_delta(data, out),
+            b"message_stop" => {
+                out.put_slice(b"data: [DONE]\n\n");
+                self.done = true;
+            }
+            b"error" => {
+                self.done = true;
+                return Err(stream_error(data));
+            }
+            _ => {} // ping and event types added later
+        }
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.done
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.tokens.seen.then(|| self.tokens.usage())
+    }
+}
+
+/// An in-band `error` event as the error the body renders last.
+fn stream_error(data: &[u8]) -> Error {
+    let err = fields(data, &[b"error"])[0].clone().map(|r| &data[r]);
+    let (kind, message) = match err {
+        Some(e) => {
+            let f = fields(e, &[b"type", b"message"]);
+            let kind = f[0].clone().and_then(|r| json::string_value(&e[r])).unwrap_or_default();
+            let message = f[1].clone().and_then(|r| json::string_value(&e[r])).unwrap_or_default();
+            (kind, message)
+        }
+        None => (String::new(), String::new()),
+    };
+    let message = if message.is_empty() { "The upstream stream failed.".to_owned() } else { message };
+    Error::in_stream(super::known_error_type(&kind), message)
+}
+
+/// OpenAI finish_reason for an Anthropic stop_reason (WIRE-FORMATS.md §9.1); unknown → stop.
+pub fn finish_reason(reason: &[u8]) -> &'static str {
+    match reason {
+        b"max_tokens" | b"model_context_window_exceeded" | b"compaction" => "length",
+        b"tool_use" => "tool_calls",
+        b"refusal" => "content_filter",
+        _ => "stop",
+    }
+}
+
+fn key_is(raw_key: &[u8], name: &[u8]) -> bool {
+    unescaped_key::<24>(raw_key).is_some_and(|k| k.as_slice() == name)
+}
+
+/// Whether a JSON token is the string `s`.
+fn str_is(token: &[u8], s: &[u8]) -> bool {
+    token.first() == Some(&b'"') && key_is(token, s)
+}
+
+fn empty_str(token: &[u8]) -> bool {
+    token == b"\"\""
+}
+
+/// The ranges of the named top-level members of a JSON object (first occurrence each).
+fn fields<const N: usize>(text: &[u8], names: &[&[u8]; N]) -> [Option<Range<usize>>; N] {
+    let mut out: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
+    let _ = json::members(text, |k, v| {
+        if let Some(k) = unescaped_key::<24>(k) {
+            if let Some(i) = names.iter().position(|n| *n == k.as_slice()) {
+                if out[i].is_none() {
+                    out[i] = Some(v);
+                }
+            }
+        }
+        true
+    });
+    out
+}
+
+/// `index` (as a number) and the named member of an event.
+fn index_and(data: &[u8], name: &[u8]) -> (Option<usize>, Option<Range<usize>>) {
+    let f = fields(data, &[b"index", name]);
+    let index = f[0].clone().and_then(|r| json::u64_of(&data[r])).map(|n| n as usize);
+    (index, f[1].clone())
+}
+
+/// Decimal digits of `n` in a stack buffer.
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+fn itoa(mut n: u64) -> Digits {
+    let mut d = Digits { buf: [0; 20], start: 20 };
+    loop {
+        d.start -= 1;
+        d.buf[d.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return d;
+        }
+    }
+}
