@@ -101,6 +101,47 @@ pub struct Translating {
     out: BytesMut,
 }
 
+impl Translating {
+    /// Translation of one response stream by `translator`.
+    pub fn new(translator: Box<dyn Translate>) -> Self {
+        Translating { decoder: sse::Decoder::new(MAX_HELD_EVENT), translator, out: BytesMut::with_capacity(4096) }
+    }
+
+    /// Decodes one upstream chunk and translates its events; what they produce is queued as
+    /// one buffer. An error (in-band upstream error, malformed or oversized event) is returned
+    /// for the body to send as the final event.
+    pub fn feed(&mut self, data: &[u8], connection: &str, queue: &mut VecDeque<Bytes>) -> Result<(), Error> {
+        let Translating { decoder, translator, out } = self;
+        // Reserve while the buffer is empty: once the last output has been written and dropped,
+        // this reclaims the same allocation instead of growing mid-feed. OpenAI chunks run up to
+        // about twice the size of the provider events they come from.
+        out.reserve(data.len() * 2 + 512);
+        let mut failed = None;
+        let fed = decoder.feed(data, |ev| {
+            if failed.is_none() && !translator.done() {
+                failed = translator.event(&ev, out).err();
+            }
+        });
+        if !out.is_empty() {
+            queue.push_back(out.split().freeze());
+        }
+        if let Err(e) = fed {
+            failed.get_or_insert(Error::bad_gateway(format!("Connection `{connection}`: {e}.")));
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Whether the provider's stream reached its end.
+    pub fn done(&self) -> bool {
+        self.translator.done()
+    }
+
+    /// Usage seen so far.
+    pub fn usage(&self) -> Option<Usage> {
+        self.translator.usage()
+    }
+}
+
 /// SSE passthrough state.
 pub struct SseState {
     splitter: sse::Splitter,
@@ -129,11 +170,7 @@ impl Mode {
 
     /// A translated provider stream.
     pub fn translate(translator: Box<dyn Translate>) -> Self {
-        Mode::Translate(Box::new(Translating {
-            decoder: sse::Decoder::new(MAX_HELD_EVENT),
-            translator,
-            out: BytesMut::with_capacity(4096),
-        }))
+        Mode::Translate(Box::new(Translating::new(translator)))
     }
 
     /// JSON passthrough that reads usage at the end.
@@ -224,24 +261,10 @@ impl Passthrough {
         match &mut self.mode {
             Mode::Sse(s) => s.feed(data, &mut self.queue, usage),
             Mode::Translate(t) => {
-                let Translating { decoder, translator, out } = &mut **t;
-                let mut failed = None;
-                let fed = decoder.feed(&data, |ev| {
-                    if failed.is_none() && !translator.done() {
-                        failed = translator.event(&ev, out).err();
-                    }
-                });
-                if !out.is_empty() {
-                    self.queue.push_back(out.split().freeze());
-                }
-                *usage = translator.usage();
-                if let Err(e) = fed {
-                    failed.get_or_insert(Error::bad_gateway(format!("Connection `{}`: {e}.", self.connection)));
-                }
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-                if translator.done() {
+                let fed = t.feed(&data, &self.connection, &mut self.queue);
+                *usage = t.usage();
+                fed?;
+                if t.done() {
                     // Anything after the provider's end event is not for the client.
                     self.done = true;
                 }
@@ -274,7 +297,7 @@ impl Passthrough {
                     *usage = Some(u);
                 }
             }
-            Mode::Translate(t) if !t.translator.done() => {
+            Mode::Translate(t) if !t.done() => {
                 return Err(Error::bad_gateway(format!(
                     "Connection `{}`: the upstream stream ended before it was complete.",
                     self.connection

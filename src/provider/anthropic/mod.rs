@@ -67,7 +67,7 @@ pub async fn response(
     let status = resp.status();
     if !status.is_success() {
         let body = read(conn, resp.into_body()).await.unwrap_or_default();
-        return Err(error_of(conn, status, &body));
+        return Err(error_of(&conn.name, status, &body));
     }
     let is_sse = resp
         .headers()
@@ -129,16 +129,15 @@ struct ErrorDetail {
 
 /// An Anthropic error status and body as the client's OpenAI error. 401/403 mean the provider
 /// rejected the gateway's key: 502, and the body (which may echo key fragments) is dropped.
-fn error_of(conn: &Connection, status: StatusCode, body: &[u8]) -> Error {
+pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return Error::bad_gateway(format!(
-            "Connection `{}` rejected the gateway's credentials (upstream status {}). Check the connection's api_key.",
-            conn.name,
+            "Connection `{connection}` rejected the gateway's credentials (upstream status {}). Check the connection's api_key.",
             status.as_u16()
         ));
     }
     let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(body) else {
-        return Error::bad_gateway(format!("Connection `{}` answered with status {}.", conn.name, status.as_u16()));
+        return Error::bad_gateway(format!("Connection `{connection}` answered with status {}.", status.as_u16()));
     };
     let message = error.message;
     match error.kind.as_str() {
@@ -150,8 +149,7 @@ fn error_of(conn: &Connection, status: StatusCode, body: &[u8]) -> Error {
             Error::upstream(StatusCode::SERVICE_UNAVAILABLE, "api_error", format!("Anthropic is overloaded: {message}"))
         }
         "authentication_error" | "permission_error" => Error::bad_gateway(format!(
-            "Connection `{}` rejected the gateway's credentials. Check the connection's api_key.",
-            conn.name
+            "Connection `{connection}` rejected the gateway's credentials. Check the connection's api_key."
         )),
         _ => Error::upstream(StatusCode::BAD_GATEWAY, "api_error", message),
     }
