@@ -654,7 +654,9 @@ mod tests {
         assert!(cfg.open_group.is_some());
         let openai = cfg.connections.iter().find(|c| c.name == "openai").unwrap();
         assert!(openai.disabled.as_deref().unwrap().contains("OPENAI_API_KEY"));
-        let cfg = parse(text, &[("OPENAI_API_KEY", "sk-x")]).unwrap();
+        let anthropic = cfg.connections.iter().find(|c| c.name == "anthropic").unwrap();
+        assert!(anthropic.disabled.as_deref().unwrap().contains("ANTHROPIC_API_KEY"));
+        let cfg = parse(text, &[("OPENAI_API_KEY", "sk-x"), ("ANTHROPIC_API_KEY", "sk-ant")]).unwrap();
         assert!(cfg.connections.iter().all(|c| c.disabled.is_none()));
     }
 
