@@ -227,7 +227,7 @@ impl Stream {
             let u = self.tokens.usage();
             // The usage chunk replaces `"choices":[` in the prefix with an empty list.
             out.put_slice(&self.prefix[..self.prefix.len() - 1]);
-            out.put_slice(b"],\"usage\":{\"prompt_tokens\":");
+            out.put_slice(b"[],\"usage\":{\"prompt_tokens\":");
             out.put_slice(itoa(u.prompt).as_bytes());
             out.put_slice(b",\"completion_tokens\":");
             out.put_slice(itoa(u.completion).as_bytes());
