@@ -1,0 +1,91 @@
+//! Anthropic → OpenAI stream translation: cost per event and heap allocations per event
+//! (a counting allocator), over a long text stream and the recorded thinking stream.
+//! Run: `cargo bench --bench anthropic`. Target: ≤ 1 µs per text event.
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use lmgate::body::Translating;
+use lmgate::provider::anthropic::stream::Stream;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+struct Counting;
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call unchanged to the system allocator; the counter is an atomic.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+const TEXT_EVENTS: usize = 1000;
+
+fn text_stream() -> Vec<u8> {
+    let mut s = String::from(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01XFDUDYJgAACzvnptvVoYEL\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5-20250929\",\"content\":[],\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
+         event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    );
+    for i in 0..TEXT_EVENTS {
+        s.push_str(&format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\" token {i:04} of a \\\"quoted\\\" answer\"}}}}\n\n"
+        ));
+    }
+    s.push_str("event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+                event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":1000}}\n\n\
+                event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+    s.into_bytes()
+}
+
+/// Translates a whole stream fed in `chunk`-sized pieces, dropping output as it is produced.
+fn run(input: &[u8], chunk: usize) -> usize {
+    let mut t = Translating::new(Box::new(Stream::new(true)));
+    let mut q: VecDeque<Bytes> = VecDeque::with_capacity(8);
+    let mut out = 0;
+    for piece in input.chunks(chunk) {
+        let _ = t.feed(piece, "bench", &mut q);
+        out += q.drain(..).map(|b| b.len()).sum::<usize>();
+    }
+    out
+}
+
+fn bench(c: &mut Criterion) {
+    let text = text_stream();
+    let thinking = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/anthropic/stream-thinking.sse"))
+        .expect("fixture");
+
+    // Allocations per event: a whole stream (per-response setup included), then per event.
+    for chunk in [64, 4096] {
+        let before = ALLOCS.load(Ordering::Relaxed);
+        run(&text, chunk);
+        let n = ALLOCS.load(Ordering::Relaxed) - before;
+        println!(
+            "anthropic text stream, chunk {chunk}: {n} allocations for {} events ({:.4} per event, setup included)",
+            TEXT_EVENTS + 5,
+            n as f64 / (TEXT_EVENTS + 5) as f64
+        );
+    }
+
+    let mut g = c.benchmark_group("anthropic_translate");
+    g.throughput(Throughput::Elements(TEXT_EVENTS as u64));
+    g.bench_function("text_events_chunk_4096", |b| b.iter_batched(|| (), |_| run(&text, 4096), BatchSize::SmallInput));
+    g.bench_function("text_events_chunk_64", |b| b.iter_batched(|| (), |_| run(&text, 64), BatchSize::SmallInput));
+    g.throughput(Throughput::Bytes(thinking.len() as u64));
+    g.bench_function("thinking_fixture_whole", |b| b.iter(|| run(&thinking, thinking.len())));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
