@@ -80,11 +80,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
         let (scheme, key) = v.split_once(' ')?;
         return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim());
     }
-    ["x-api-key", "api-key"]
-        .iter()
-        .find_map(|h| headers.get(*h))
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    ["x-api-key", "api-key"].iter().find_map(|h| headers.get(*h)).and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
 /// The group of the request's key; in open mode (`open_group`), any caller's.

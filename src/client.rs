@@ -59,8 +59,7 @@ pub fn build(conn: &Connection) -> Result<HttpClient, ConfigError> {
         builder.enable_http1().wrap_connector(http)
     };
 
-    let plain_h2 = conn.http2
-        && conn.urls.as_ref().is_some_and(|u| u.chat.scheme_str() == Some("http"));
+    let plain_h2 = conn.http2 && conn.urls.as_ref().is_some_and(|u| u.chat.scheme_str() == Some("http"));
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_timer(TokioTimer::new())
@@ -78,11 +77,15 @@ pub async fn send(
 ) -> Result<http::Response<hyper::body::Incoming>, Error> {
     match tokio::time::timeout(conn.timeouts.header, client.request(req)).await {
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) if e.is_connect() => Err(Error::bad_gateway(format!("Could not connect to connection `{}`.", conn.name))),
+        Ok(Err(e)) if e.is_connect() => {
+            Err(Error::bad_gateway(format!("Could not connect to connection `{}`.", conn.name)))
+        }
         Ok(Err(_)) => Err(Error::bad_gateway(format!(
             "Connection `{}`: the upstream closed the connection before answering.",
             conn.name
         ))),
-        Err(_) => Err(Error::timeout(format!("Connection `{}`: no response within {:?}.", conn.name, conn.timeouts.header))),
+        Err(_) => {
+            Err(Error::timeout(format!("Connection `{}`: no response within {:?}.", conn.name, conn.timeouts.header)))
+        }
     }
 }

@@ -322,8 +322,7 @@ impl Config {
                 }
             }
             let models = g.allowed_models.as_ref().map(NameList::names).and_then(|list| {
-                (!list.iter().any(|n| n == "*"))
-                    .then(|| list.iter().map(|p| Pattern::new(p)).collect())
+                (!list.iter().any(|n| n == "*")).then(|| list.iter().map(|p| Pattern::new(p)).collect())
             });
             for (i, key) in g.api_keys.iter().enumerate() {
                 let value = resolve(key, env).map_err(|var| {
@@ -377,9 +376,9 @@ impl Config {
         let _ = writeln!(s, "connections ({}):", self.connections.len());
         for c in &self.connections {
             let url = c.urls.as_ref().map(|u| u.chat.to_string());
-            let base = url.as_deref().map_or("in-process", |u| {
-                u.trim_end_matches("/chat/completions").trim_end_matches("/v1/messages")
-            });
+            let base = url
+                .as_deref()
+                .map_or("in-process", |u| u.trim_end_matches("/chat/completions").trim_end_matches("/v1/messages"));
             let _ = write!(s, "  {} ({:?}) {}", c.name, c.api_type, base);
             if c.http2 {
                 s.push_str(" h2");
@@ -450,10 +449,26 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
 
 fn reject_python_keys(raw: &RawConfig) -> Result<(), ConfigError> {
     let hints: [(&Option<toml::Value>, &str, &str); 4] = [
-        (&raw.api_key_check, "api_key_check", "lmgate checks client keys itself: list them in [groups.NAME] api_keys (literals or \"env:VAR\")"),
-        (&raw.loggers, "loggers", "lmgate logs one line per request to stderr; choose the format with `--log-format json|pretty`"),
-        (&raw.before, "before", "lmgate has no Python request hooks; use [routing] and [groups] for routing and access"),
-        (&raw.dev_autoreload, "dev_autoreload", "remove it; restart lmgate to load a changed config (`lmgate check` validates one first)"),
+        (
+            &raw.api_key_check,
+            "api_key_check",
+            "lmgate checks client keys itself: list them in [groups.NAME] api_keys (literals or \"env:VAR\")",
+        ),
+        (
+            &raw.loggers,
+            "loggers",
+            "lmgate logs one line per request to stderr; choose the format with `--log-format json|pretty`",
+        ),
+        (
+            &raw.before,
+            "before",
+            "lmgate has no Python request hooks; use [routing] and [groups] for routing and access",
+        ),
+        (
+            &raw.dev_autoreload,
+            "dev_autoreload",
+            "remove it; restart lmgate to load a changed config (`lmgate check` validates one first)",
+        ),
     ];
     for (value, key, hint) in hints {
         if value.is_some() {
@@ -476,18 +491,18 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
             format!("{host}:{}", port.unwrap_or(4000))
         }
     };
-    let listen = listen_text
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| ConfigError(format!("server.listen: `{listen_text}` is not an address like `{DEFAULT_LISTEN}`")))?;
+    let listen = listen_text.to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or_else(|| {
+        ConfigError(format!("server.listen: `{listen_text}` is not an address like `{DEFAULT_LISTEN}`"))
+    })?;
     let max_request_bytes = s.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
     if max_request_bytes == 0 {
         return err("server.max_request_bytes must be greater than 0");
     }
     let shutdown_grace = secs("server.shutdown_grace_secs", s.shutdown_grace_secs, 30.0, true)?;
     let mode = match (s.model_listing_mode, raw.model_listing_mode) {
-        (Some(_), Some(_)) => return err("`model_listing_mode` is set both at the top level and in [server]: keep one"),
+        (Some(_), Some(_)) => {
+            return err("`model_listing_mode` is set both at the top level and in [server]: keep one")
+        }
         (a, b) => a.or(b).unwrap_or(ListingMode::AsIs),
     };
     Ok(Server { listen, max_request_bytes, shutdown_grace, list_wildcards: mode == ListingMode::AsIs })
@@ -535,7 +550,9 @@ fn compile_connection(
         }
     };
     if c.api_type != ApiType::Anthropic && (c.anthropic_version.is_some() || c.default_max_tokens.is_some()) {
-        return err(format!("connections.{name}: `anthropic_version` and `default_max_tokens` are for anthropic connections"));
+        return err(format!(
+            "connections.{name}: `anthropic_version` and `default_max_tokens` are for anthropic connections"
+        ));
     }
     let default_max_tokens = c.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     if default_max_tokens == 0 {
@@ -556,7 +573,10 @@ fn compile_connection(
             let base = base_of(OPENAI_BASE, &mut disabled);
             if let Some(k) = &c.api_key {
                 if let Some(v) = secret(key("api_key"), k, &mut disabled) {
-                    headers.push((http::header::AUTHORIZATION, header_value(&key("api_key"), &format!("Bearer {}", v.trim()))?));
+                    headers.push((
+                        http::header::AUTHORIZATION,
+                        header_value(&key("api_key"), &format!("Bearer {}", v.trim()))?,
+                    ));
                 }
             }
             let url = |path: &str| endpoint_url(&key("api_base"), &base, path);
@@ -578,8 +598,15 @@ fn compile_connection(
                 None => return err(format!("{}: an anthropic connection needs a key", key("api_key"))),
             }
             let version = c.anthropic_version.as_deref().unwrap_or(ANTHROPIC_VERSION);
-            headers.push((HeaderName::from_static("anthropic-version"), header_value(&key("anthropic_version"), version)?));
-            Some(EndpointUrls { chat: endpoint_url(&key("api_base"), &base, "/v1/messages")?, completions: None, embeddings: None })
+            headers.push((
+                HeaderName::from_static("anthropic-version"),
+                header_value(&key("anthropic_version"), version)?,
+            ));
+            Some(EndpointUrls {
+                chat: endpoint_url(&key("api_base"), &base, "/v1/messages")?,
+                completions: None,
+                embeddings: None,
+            })
         }
     };
     for (h, v) in &c.headers {
@@ -695,12 +722,13 @@ mod tests {
 
     #[test]
     fn missing_connection_key_disables_it_without_printing_values() {
-        let cfg = parse(
-            "[connections.o]\napi_type = \"openai\"\napi_key = \"env:NOPE\"\n[routing]\n\"*\" = \"o.*\"\n",
-            &[],
-        )
-        .unwrap();
-        assert_eq!(cfg.connections[0].disabled.as_deref(), Some("environment variable `NOPE` (for connections.o.api_key) is not set"));
+        let cfg =
+            parse("[connections.o]\napi_type = \"openai\"\napi_key = \"env:NOPE\"\n[routing]\n\"*\" = \"o.*\"\n", &[])
+                .unwrap();
+        assert_eq!(
+            cfg.connections[0].disabled.as_deref(),
+            Some("environment variable `NOPE` (for connections.o.api_key) is not set")
+        );
         assert_eq!(cfg.warnings.len(), 2); // disabled + open
     }
 

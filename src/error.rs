@@ -74,8 +74,7 @@ impl Error {
 
     /// 403: the caller's group may not use what it asked for.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "permission_error", Side::Client, message)
-            .code("model_not_allowed")
+        Self::new(StatusCode::FORBIDDEN, "permission_error", Side::Client, message).code("model_not_allowed")
     }
 
     /// 404: no route matches the requested model.
@@ -124,20 +123,17 @@ impl Error {
 
     /// 502: the upstream could not be reached or answered with something unusable.
     pub fn bad_gateway(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, "api_error", Side::Upstream, message)
-            .code("upstream_error")
+        Self::new(StatusCode::BAD_GATEWAY, "api_error", Side::Upstream, message).code("upstream_error")
     }
 
     /// 503: the route exists but its connection is not usable now.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", Side::Gateway, message)
-            .code("connection_unavailable")
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", Side::Gateway, message).code("connection_unavailable")
     }
 
     /// 504: the upstream did not answer in time.
     pub fn timeout(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", Side::Upstream, message)
-            .code("upstream_timeout")
+        Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", Side::Upstream, message).code("upstream_timeout")
     }
 
     /// An error the upstream reported inside a stream, with its own type (e.g.

@@ -54,10 +54,7 @@ pub enum RequestError {
 /// `stream_options` values. Nested keys of the same names are not looked at.
 pub fn scan_request(body: &[u8]) -> Result<RequestFields, RequestError> {
     if let Err(e) = std::str::from_utf8(body) {
-        return Err(RequestError::Syntax(ScanError {
-            offset: e.valid_up_to(),
-            what: "invalid UTF-8",
-        }));
+        return Err(RequestError::Syntax(ScanError { offset: e.valid_up_to(), what: "invalid UTF-8" }));
     }
     let mut fields = RequestFields::default();
     let mut dup = None;
@@ -85,10 +82,7 @@ pub fn scan_request(body: &[u8]) -> Result<RequestFields, RequestError> {
 /// Calls `f(raw_key, value_range)` for each member of the JSON object that `text` holds (white
 /// space around it allowed), validating the whole text. `raw_key` is the key token with its
 /// quotes. `f` returns false to stop early; the rest is then not validated.
-pub fn members(
-    text: &[u8],
-    mut f: impl FnMut(&[u8], Range<usize>) -> bool,
-) -> Result<(), ScanError> {
+pub fn members(text: &[u8], mut f: impl FnMut(&[u8], Range<usize>) -> bool) -> Result<(), ScanError> {
     let mut s = Scanner { b: text, i: 0 };
     s.ws();
     s.expect(b'{', "expected a JSON object")?;
@@ -587,10 +581,7 @@ mod tests {
             r#"{"a":[}"#,
             r#"{"a":{]}"#,
         ] {
-            assert!(
-                matches!(scan_request(bad.as_bytes()), Err(RequestError::Syntax(_))),
-                "accepted {bad:?}"
-            );
+            assert!(matches!(scan_request(bad.as_bytes()), Err(RequestError::Syntax(_))), "accepted {bad:?}");
         }
     }
 

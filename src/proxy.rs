@@ -131,7 +131,13 @@ impl Proxy {
     }
 
     /// The API flow: auth, body, model, route, provider, upstream, response.
-    async fn forward<B>(&self, api: Api, headers: &HeaderMap, body: B, record: &mut Record) -> Result<Response<Body>, Error>
+    async fn forward<B>(
+        &self,
+        api: Api,
+        headers: &HeaderMap,
+        body: B,
+        record: &mut Record,
+    ) -> Result<Response<Body>, Error>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
@@ -152,14 +158,18 @@ impl Proxy {
 
         let fields = json::scan_request(&body).map_err(|e| match e {
             RequestError::Syntax(e) => Error::invalid_request(format!("The request body is not valid JSON: {e}.")),
-            RequestError::Duplicate(k) => Error::invalid_request(format!("The request body has more than one `{k}` member.")).param(k),
+            RequestError::Duplicate(k) => {
+                Error::invalid_request(format!("The request body has more than one `{k}` member.")).param(k)
+            }
         })?;
         let model = fields
             .model
             .as_ref()
             .and_then(|r| json::string_value(&body[r.clone()]))
             .filter(|m| !m.is_empty())
-            .ok_or_else(|| Error::invalid_request("You must provide a model parameter (a non-empty string).").param("model"))?;
+            .ok_or_else(|| {
+                Error::invalid_request("You must provide a model parameter (a non-empty string).").param("model")
+            })?;
         let stream = match fields.stream.as_ref().map(|r| &body[r.clone()]) {
             None | Some(b"false" | b"null") => false,
             Some(b"true") => true,
@@ -214,7 +224,10 @@ impl Proxy {
         let cfg = &*self.config;
         let group = &cfg.groups[auth::check(&cfg.keys, cfg.open_group, headers).ok_or_else(Error::unauthorized)?];
         let visible = |p: &Pattern, connection: usize| {
-            let models_ok = group.models.as_ref().is_none_or(|m| m.iter().any(|g| g.matches(p.as_str()) || g.as_str() == p.as_str()));
+            let models_ok = group
+                .models
+                .as_ref()
+                .is_none_or(|m| m.iter().any(|g| g.matches(p.as_str()) || g.as_str() == p.as_str()));
             group.connections[connection] && models_ok
         };
         let object = |out: &mut Vec<u8>, name: &str, connection: usize| {

@@ -372,11 +372,14 @@ impl LineDecoder {
         LineDecoder { limit, line: Vec::new() }
     }
 
-    /// Decodes `chunk`, calling `on_line` for each complete non-blank line.
+    /// Decodes `chunk`, calling `on_line` for each complete non-blank line. Lengths are checked
+    /// before anything is kept, so the outcome does not depend on the chunking and the decoder
+    /// holds at most `limit` bytes.
     pub fn feed(&mut self, chunk: &[u8], mut on_line: impl FnMut(&[u8])) -> Result<(), TooLarge> {
         let mut i = 0;
         while let Some(n) = memchr(b'\n', &chunk[i..]) {
             let end = i + n;
+            self.check(self.line.len() + n)?;
             if self.line.is_empty() {
                 emit_line(&chunk[i..end], &mut on_line);
             } else {
@@ -386,8 +389,14 @@ impl LineDecoder {
             }
             i = end + 1;
         }
+        self.check(self.line.len() + chunk.len() - i)?;
         self.line.extend_from_slice(&chunk[i..]);
-        if self.line.len() > self.limit {
+        Ok(())
+    }
+
+    /// A line of `len` bytes (without its LF) is over the limit.
+    fn check(&self, len: usize) -> Result<(), TooLarge> {
+        if len > self.limit {
             return Err(TooLarge { limit: self.limit });
         }
         Ok(())

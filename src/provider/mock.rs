@@ -24,8 +24,22 @@ use std::time::Duration;
 
 /// The text pieces of a reply, cycled. They exercise JSON escaping and multi-byte UTF-8.
 const PIECES: [&str; 16] = [
-    "Hello", "!", " This", " is", " the", " lmgate", " mock", ":", " a", " \"deterministic\"",
-    " reply", " with", " unicode", " (é ✓)", " and", " a newline\n",
+    "Hello",
+    "!",
+    " This",
+    " is",
+    " the",
+    " lmgate",
+    " mock",
+    ":",
+    " a",
+    " \"deterministic\"",
+    " reply",
+    " with",
+    " unicode",
+    " (é ✓)",
+    " and",
+    " a newline\n",
 ];
 
 const DEFAULT_CHUNKS: usize = 16;
@@ -78,10 +92,18 @@ impl Mock {
             Api::Embeddings => self.embeddings(&req, model),
             _ => {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let reply = Reply { api, model, id, created: super::unix_now(), chunks, usage: Usage { prompt, completion: chunks as u64 } };
+                let reply = Reply {
+                    api,
+                    model,
+                    id,
+                    created: super::unix_now(),
+                    chunks,
+                    usage: Usage { prompt, completion: chunks as u64 },
+                };
                 let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
                 let response = if stream {
-                    let include_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+                    let include_usage =
+                        req.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
                     sse_response(reply.stream(include_usage), delay)
                 } else {
                     json_response(StatusCode::OK, vec![Bytes::from(reply.whole())])
@@ -94,15 +116,19 @@ impl Mock {
     fn embeddings(&self, req: &Value, model: &str) -> Result<Answer, Error> {
         let dims = match req.get("dimensions") {
             None | Some(Value::Null) => DEFAULT_DIMENSIONS,
-            Some(v) => v.as_u64().map(|d| d as usize).filter(|d| (1..=MAX_DIMENSIONS).contains(d)).ok_or_else(|| {
-                Error::invalid_request(format!("`dimensions` must be an integer from 1 to {MAX_DIMENSIONS}.")).param("dimensions")
-            })?,
+            Some(v) => {
+                v.as_u64().map(|d| d as usize).filter(|d| (1..=MAX_DIMENSIONS).contains(d)).ok_or_else(|| {
+                    Error::invalid_request(format!("`dimensions` must be an integer from 1 to {MAX_DIMENSIONS}."))
+                        .param("dimensions")
+                })?
+            }
         };
         let base64 = match req.get("encoding_format").and_then(Value::as_str) {
             None | Some("float") => false,
             Some("base64") => true,
             Some(_) => {
-                return Err(Error::invalid_request("`encoding_format` must be \"float\" or \"base64\".").param("encoding_format"))
+                return Err(Error::invalid_request("`encoding_format` must be \"float\" or \"base64\".")
+                    .param("encoding_format"))
             }
         };
         let inputs = embedding_inputs(req.get("input"))?;
@@ -120,7 +146,9 @@ impl Mock {
         }
         head.extend_from_slice(b"],\"model\":");
         write_str(&mut head, model);
-        head.extend_from_slice(format!(",\"usage\":{{\"prompt_tokens\":{prompt},\"total_tokens\":{prompt}}}}}").as_bytes());
+        head.extend_from_slice(
+            format!(",\"usage\":{{\"prompt_tokens\":{prompt},\"total_tokens\":{prompt}}}}}").as_bytes(),
+        );
         parts.push(Bytes::from(head));
         Ok(Answer { response: json_response(StatusCode::OK, parts), usage: Usage { prompt, completion: 0 } })
     }
@@ -178,10 +206,15 @@ impl Mock {
 /// The inputs of an embeddings request: a string, a list of strings, a token list, or a list of
 /// token lists. Each becomes the bytes its vector is derived from.
 fn embedding_inputs(input: Option<&Value>) -> Result<Vec<Vec<u8>>, Error> {
-    let bad = || Error::invalid_request("`input` must be a non-empty string, array of strings, or array of token arrays.").param("input");
+    let bad = || {
+        Error::invalid_request("`input` must be a non-empty string, array of strings, or array of token arrays.")
+            .param("input")
+    };
     let out: Vec<Vec<u8>> = match input {
         Some(Value::String(s)) => vec![s.as_bytes().to_vec()],
-        Some(Value::Array(items)) if items.iter().all(Value::is_u64) => vec![Value::Array(items.clone()).to_string().into_bytes()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_u64) => {
+            vec![Value::Array(items.clone()).to_string().into_bytes()]
+        }
         Some(Value::Array(items)) => items
             .iter()
             .map(|v| match v {
@@ -265,7 +298,13 @@ impl Reply<'_> {
     /// `{"id":..,"object":..,"created":..,"model":..,` — the common head of every object.
     fn head(&self, out: &mut Vec<u8>, object: &str) {
         let prefix = if self.api == Api::Chat { "chatcmpl" } else { "cmpl" };
-        out.extend_from_slice(format!("{{\"id\":\"{prefix}-mock-{}\",\"object\":\"{object}\",\"created\":{},\"model\":", self.id, self.created).as_bytes());
+        out.extend_from_slice(
+            format!(
+                "{{\"id\":\"{prefix}-mock-{}\",\"object\":\"{object}\",\"created\":{},\"model\":",
+                self.id, self.created
+            )
+            .as_bytes(),
+        );
         write_str(out, self.model);
         out.push(b',');
     }
@@ -325,7 +364,11 @@ impl Reply<'_> {
             choice.clear();
             choice.extend_from_slice(if chat { b"{\"index\":0,\"delta\":{\"content\":" } else { b"{\"text\":" });
             write_str(&mut choice, Self::piece(i));
-            choice.extend_from_slice(if chat { b"},\"logprobs\":null,\"finish_reason\":null}" } else { b",\"index\":0,\"logprobs\":null,\"finish_reason\":null}" });
+            choice.extend_from_slice(if chat {
+                b"},\"logprobs\":null,\"finish_reason\":null}"
+            } else {
+                b",\"index\":0,\"logprobs\":null,\"finish_reason\":null}"
+            });
             events.push(self.event(&choice, null_usage));
         }
         events.push(self.event(

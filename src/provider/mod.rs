@@ -17,10 +17,12 @@ pub mod anthropic;
 pub mod mock;
 pub mod openai;
 
+use crate::config::Connection;
 use crate::error::Error;
 use crate::json::Usage;
 use crate::sse::Event;
 use bytes::BytesMut;
+use http::header::{HeaderMap, HeaderName, CONNECTION};
 
 /// Rewrites one provider response stream into OpenAI `chat.completion.chunk` SSE.
 pub trait Translate: Send {
@@ -34,6 +36,45 @@ pub trait Translate: Send {
 
     /// Token usage seen so far.
     fn usage(&self) -> Option<Usage>;
+}
+
+/// Client request headers that never go upstream, whatever a connection's `forward_headers`
+/// patterns match (`"x-*"` would otherwise send the client's `x-api-key`): the client's
+/// credentials and cookies, the headers the gateway sets itself for the body it sends
+/// (framing, type, encoding, host), and the hop-by-hop headers of RFC 9110 §7.6.1.
+const NEVER_FORWARDED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "accept-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether client header `name` goes upstream: it is on the provider's allow-list `allowed` or
+/// matches the connection's `forward_headers`, and it is neither in [`NEVER_FORWARDED`] nor
+/// named as hop-by-hop by the client's `Connection` header.
+pub fn forwarded(name: &HeaderName, allowed: &[&str], conn: &Connection, client_headers: &HeaderMap) -> bool {
+    let n = name.as_str();
+    (allowed.contains(&n) || conn.forward_headers.iter().any(|p| p.matches(n)))
+        && !NEVER_FORWARDED.contains(&n)
+        && !client_headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(n))
 }
 
 /// Seconds since the Unix epoch, for `created` fields.

@@ -25,24 +25,12 @@ use http::{Request, Response, StatusCode};
 use std::ops::Range;
 
 /// Client request headers forwarded upstream (besides `content-type`, always set).
-const REQUEST_HEADERS: &[&str] = &[
-    "accept",
-    "user-agent",
-    "openai-beta",
-    "idempotency-key",
-    "x-request-id",
-    "x-client-request-id",
-];
+const REQUEST_HEADERS: &[&str] =
+    &["accept", "user-agent", "openai-beta", "idempotency-key", "x-request-id", "x-client-request-id"];
 
 /// Upstream response headers forwarded to the client (besides `content-type`).
-const RESPONSE_HEADERS: &[&str] = &[
-    "x-request-id",
-    "request-id",
-    "openai-processing-ms",
-    "openai-version",
-    "retry-after",
-    "cache-control",
-];
+const RESPONSE_HEADERS: &[&str] =
+    &["x-request-id", "request-id", "openai-processing-ms", "openai-version", "retry-after", "cache-control"];
 
 /// An upstream request built from a client request, and whether the usage-only event must be
 /// removed from the response stream.
@@ -106,7 +94,7 @@ pub fn request(
     // Identity, so usage can be read; the client gets what it would get without compression.
     h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     for (name, value) in client_headers {
-        if REQUEST_HEADERS.contains(&name.as_str()) || conn.forward_headers.iter().any(|p| p.matches(name.as_str())) {
+        if super::forwarded(name, REQUEST_HEADERS, conn, client_headers) {
             h.append(name.clone(), value.clone());
         }
     }
@@ -224,13 +212,37 @@ mod tests {
     #[test]
     fn include_usage_is_inserted_or_flipped_in_every_case() {
         let cases = [
-            (r#"{"model":"m","stream":true}"#, r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#, true),
-            (r#"{"model":"m","stream":true }  "#, r#"{"model":"m","stream":true ,"stream_options":{"include_usage":true}}  "#, true),
-            (r#"{"model":"m","stream_options":null}"#, r#"{"model":"m","stream_options":{"include_usage":true}}"#, true),
+            (
+                r#"{"model":"m","stream":true}"#,
+                r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+                true,
+            ),
+            (
+                r#"{"model":"m","stream":true }  "#,
+                r#"{"model":"m","stream":true ,"stream_options":{"include_usage":true}}  "#,
+                true,
+            ),
+            (
+                r#"{"model":"m","stream_options":null}"#,
+                r#"{"model":"m","stream_options":{"include_usage":true}}"#,
+                true,
+            ),
             (r#"{"model":"m","stream_options":{ }}"#, r#"{"model":"m","stream_options":{"include_usage":true}}"#, true),
-            (r#"{"model":"m","stream_options":{"include_usage":false}}"#, r#"{"model":"m","stream_options":{"include_usage":true}}"#, true),
-            (r#"{"model":"m","stream_options":{"x":1}}"#, r#"{"model":"m","stream_options":{"include_usage":true,"x":1}}"#, true),
-            (r#"{"model":"m","stream_options":{"include_usage":true}}"#, r#"{"model":"m","stream_options":{"include_usage":true}}"#, false),
+            (
+                r#"{"model":"m","stream_options":{"include_usage":false}}"#,
+                r#"{"model":"m","stream_options":{"include_usage":true}}"#,
+                true,
+            ),
+            (
+                r#"{"model":"m","stream_options":{"x":1}}"#,
+                r#"{"model":"m","stream_options":{"include_usage":true,"x":1}}"#,
+                true,
+            ),
+            (
+                r#"{"model":"m","stream_options":{"include_usage":true}}"#,
+                r#"{"model":"m","stream_options":{"include_usage":true}}"#,
+                false,
+            ),
         ];
         for (input, want, strip) in cases {
             let (got, stripped) = apply(input);

@@ -47,7 +47,7 @@ pub fn upstream_request(
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(translated.body.len()));
     h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     for (name, value) in client_headers {
-        if REQUEST_HEADERS.contains(&name.as_str()) || conn.forward_headers.iter().any(|p| p.matches(name.as_str())) {
+        if super::forwarded(name, REQUEST_HEADERS, conn, client_headers) {
             h.append(name.clone(), value.clone());
         }
     }
@@ -69,10 +69,8 @@ pub async fn response(
         let body = read(conn, resp.into_body()).await.unwrap_or_default();
         return Err(error_of(&conn.name, status, &body));
     }
-    let is_sse = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let is_sse =
+        resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if translated.stream && is_sse {
         let translator: Box<dyn Translate> = Box::new(stream::Stream::new(translated.include_usage));
         let body = Body::passthrough(resp.into_body(), Mode::translate(translator), conn.timeouts.idle, &conn.name);
@@ -95,7 +93,9 @@ async fn read(conn: &Connection, body: Incoming) -> Result<Bytes, Error> {
     let collect = Limited::new(body, MAX_BODY).collect();
     match tokio::time::timeout(conn.timeouts.idle, collect).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(_)) => Err(Error::bad_gateway(format!("Connection `{}`: the upstream body failed or was too large.", conn.name))),
+        Ok(Err(_)) => {
+            Err(Error::bad_gateway(format!("Connection `{}`: the upstream body failed or was too large.", conn.name)))
+        }
         Err(_) => Err(Error::timeout(format!("Connection `{}`: the upstream body stalled.", conn.name))),
     }
 }

@@ -320,7 +320,8 @@ pub fn translate(body: &[u8], model: &str, default_max_tokens: u64) -> Result<Tr
         tools,
         tool_choice,
     };
-    let body = serde_json::to_vec(&out).map_err(|e| Error::invalid_request(format!("Cannot translate the request: {e}.")))?;
+    let body =
+        serde_json::to_vec(&out).map_err(|e| Error::invalid_request(format!("Cannot translate the request: {e}.")))?;
     let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     Ok(Translated { body, stream, include_usage })
 }
@@ -379,7 +380,10 @@ fn text_blocks(content: Option<InContent>, i: usize) -> Result<Vec<Block>, Error
         .into_iter()
         .filter_map(|p| match (p.kind.as_str(), p.text) {
             ("text", Some(t)) => non_empty(t).map(Ok),
-            (kind, _) => Some(Err(bad("messages", format!("messages[{i}]: content part `{kind}` is not allowed in this message.")))),
+            (kind, _) => Some(Err(bad(
+                "messages",
+                format!("messages[{i}]: content part `{kind}` is not allowed in this message."),
+            ))),
         })
         .collect()
 }
@@ -406,7 +410,10 @@ fn content_blocks(content: Option<InContent>, i: usize) -> Result<Vec<Block>, Er
                 out.push(Block::Image { source: image_source(url, i)? });
             }
             (kind, _, _) => {
-                return Err(bad("messages", format!("messages[{i}]: content part `{kind}` is not supported for Anthropic models.")))
+                return Err(bad(
+                    "messages",
+                    format!("messages[{i}]: content part `{kind}` is not supported for Anthropic models."),
+                ))
             }
         }
     }
@@ -418,7 +425,10 @@ fn image_source(url: String, i: usize) -> Result<ImageSource, Error> {
         if let Some((media_type, data)) = rest.split_once(";base64,") {
             return Ok(ImageSource::Base64 { media_type: media_type.to_owned(), data: data.to_owned() });
         }
-        return Err(bad("messages", format!("messages[{i}]: image data URLs must be base64 (`data:<type>;base64,...`).")));
+        return Err(bad(
+            "messages",
+            format!("messages[{i}]: image data URLs must be base64 (`data:<type>;base64,...`)."),
+        ));
     }
     if url.starts_with("https://") || url.starts_with("http://") {
         return Ok(ImageSource::Url { url });
@@ -500,17 +510,20 @@ mod tests {
             {"role":"tool","tool_call_id":"toolu_2","content":[{"type":"text","text":"noon"}]},
             {"role":"user","content":"thanks"}
         ]}));
-        assert_eq!(out["messages"], json!([
-            {"role":"user","content":[{"type":"text","text":"weather?"}]},
-            {"role":"assistant","content":[
-                {"type":"text","text":"Let me check. "},
-                {"type":"tool_use","id":"toolu_1","name":"get_weather","input":{"city":"Paris"}},
-                {"type":"tool_use","id":"toolu_2","name":"now","input":{}}]},
-            {"role":"user","content":[
-                {"type":"tool_result","tool_use_id":"toolu_1","content":[{"type":"text","text":"12C"}]},
-                {"type":"tool_result","tool_use_id":"toolu_2","content":[{"type":"text","text":"noon"}]},
-                {"type":"text","text":"thanks"}]}
-        ]));
+        assert_eq!(
+            out["messages"],
+            json!([
+                {"role":"user","content":[{"type":"text","text":"weather?"}]},
+                {"role":"assistant","content":[
+                    {"type":"text","text":"Let me check. "},
+                    {"type":"tool_use","id":"toolu_1","name":"get_weather","input":{"city":"Paris"}},
+                    {"type":"tool_use","id":"toolu_2","name":"now","input":{}}]},
+                {"role":"user","content":[
+                    {"type":"tool_result","tool_use_id":"toolu_1","content":[{"type":"text","text":"12C"}]},
+                    {"type":"tool_result","tool_use_id":"toolu_2","content":[{"type":"text","text":"noon"}]},
+                    {"type":"text","text":"thanks"}]}
+            ])
+        );
     }
 
     #[test]
@@ -520,8 +533,14 @@ mod tests {
             {"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}},
             {"type":"image_url","image_url":{"url":"https://example.com/cat.jpg","detail":"low"}}
         ]}]}));
-        assert_eq!(out["messages"][0]["content"][1], json!({"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBORw0KGgo="}}));
-        assert_eq!(out["messages"][0]["content"][2], json!({"type":"image","source":{"type":"url","url":"https://example.com/cat.jpg"}}));
+        assert_eq!(
+            out["messages"][0]["content"][1],
+            json!({"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBORw0KGgo="}})
+        );
+        assert_eq!(
+            out["messages"][0]["content"][2],
+            json!({"type":"image","source":{"type":"url","url":"https://example.com/cat.jpg"}})
+        );
         assert_eq!(err(json!({"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"ftp://x"}}]}]})).param, Some("messages"));
     }
 
@@ -531,14 +550,21 @@ mod tests {
             "tools":[{"type":"function","function":{"name":"f","description":"d","parameters":{"type":"object","properties":{"a":{"type":"string"}}}}},
                      {"type":"function","function":{"name":"g"}}]});
         let out = tr(base.clone());
-        assert_eq!(out["tools"][0], json!({"name":"f","description":"d","input_schema":{"type":"object","properties":{"a":{"type":"string"}}}}));
+        assert_eq!(
+            out["tools"][0],
+            json!({"name":"f","description":"d","input_schema":{"type":"object","properties":{"a":{"type":"string"}}}})
+        );
         assert_eq!(out["tools"][1], json!({"name":"g","input_schema":{"type":"object","properties":{}}}));
         assert!(out.get("tool_choice").is_none());
         for (choice, parallel, want) in [
             (json!("auto"), None, json!({"type":"auto"})),
             (json!("required"), None, json!({"type":"any"})),
             (json!("none"), None, json!({"type":"none"})),
-            (json!({"type":"function","function":{"name":"f"}}), Some(false), json!({"type":"tool","name":"f","disable_parallel_tool_use":true})),
+            (
+                json!({"type":"function","function":{"name":"f"}}),
+                Some(false),
+                json!({"type":"tool","name":"f","disable_parallel_tool_use":true}),
+            ),
             (Value::Null, Some(false), json!({"type":"auto","disable_parallel_tool_use":true})),
         ] {
             let mut req = base.clone();
@@ -552,8 +578,10 @@ mod tests {
 
     #[test]
     fn sampling_parameters_map() {
-        let out = tr(json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":10,"max_completion_tokens":20,
-            "temperature":0.5,"top_p":0.9,"stop":"END","user":"u-1","stream":true,"n":1,"presence_penalty":0,"logprobs":false}));
+        let out = tr(
+            json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":10,"max_completion_tokens":20,
+            "temperature":0.5,"top_p":0.9,"stop":"END","user":"u-1","stream":true,"n":1,"presence_penalty":0,"logprobs":false}),
+        );
         assert_eq!(out["max_tokens"], 20);
         assert_eq!(out["temperature"], 0.5);
         assert_eq!(out["top_p"], 0.9);
@@ -561,7 +589,10 @@ mod tests {
         assert_eq!(out["metadata"], json!({"user_id":"u-1"}));
         assert_eq!(out["stream"], true);
         assert_eq!(tr(json!({"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":7}))["max_tokens"], 7);
-        assert_eq!(tr(json!({"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a",""]}))["stop_sequences"], json!(["a"]));
+        assert_eq!(
+            tr(json!({"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a",""]}))["stop_sequences"],
+            json!(["a"])
+        );
     }
 
     #[test]
@@ -581,7 +612,14 @@ mod tests {
             let mut req = json!({"model":"m","messages":msgs});
             req[k] = v;
             let e = translate(req.to_string().as_bytes(), "c", 10).err().unwrap();
-            assert_eq!(e.param, Some(match k { "top_logprobs" => "top_logprobs", k => Box::leak(k.to_owned().into_boxed_str()) }), "{k}");
+            assert_eq!(
+                e.param,
+                Some(match k {
+                    "top_logprobs" => "top_logprobs",
+                    k => Box::leak(k.to_owned().into_boxed_str()),
+                }),
+                "{k}"
+            );
             assert_eq!(e.status, 400);
         }
         let ok = json!({"model":"m","messages":msgs,"n":1,"logprobs":false,"presence_penalty":0.0,"logit_bias":{},"response_format":{"type":"text"}});
@@ -590,13 +628,18 @@ mod tests {
 
     #[test]
     fn trailing_space_of_an_assistant_prefill_is_trimmed() {
-        let out = tr(json!({"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":"The answer is "}]}));
+        let out = tr(
+            json!({"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":"The answer is "}]}),
+        );
         assert_eq!(out["messages"][1]["content"][0]["text"], "The answer is");
     }
 
     #[test]
     fn bad_messages_are_400() {
-        assert_eq!(err(json!({"model":"m","messages":[{"role":"system","content":"only system"}]})).param, Some("messages"));
+        assert_eq!(
+            err(json!({"model":"m","messages":[{"role":"system","content":"only system"}]})).param,
+            Some("messages")
+        );
         assert_eq!(err(json!({"model":"m","messages":[{"role":"wizard","content":"x"}]})).param, Some("messages"));
         let bad_args = json!({"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"not json"}}]}]});
         assert_eq!(err(bad_args).param, Some("messages"));

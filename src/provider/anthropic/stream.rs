@@ -22,12 +22,18 @@ use crate::sse::Event;
 use bytes::{BufMut, BytesMut};
 use std::ops::Range;
 
+/// Content blocks tracked per message; real messages have a handful.
+const MAX_BLOCKS: usize = 1024;
+
 /// What an Anthropic content block is, by its index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Block {
     Text,
     /// A tool_use block: its OpenAI tool index, and whether any argument fragment was sent.
-    Tool { k: u32, args: bool },
+    Tool {
+        k: u32,
+        args: bool,
+    },
     Thinking,
     Other,
 }
@@ -80,7 +86,14 @@ pub struct Stream {
 impl Stream {
     /// A translator; `include_usage` is whether the client asked for the usage chunk.
     pub fn new(include_usage: bool) -> Self {
-        Stream { include_usage, prefix: Vec::new(), blocks: Vec::new(), next_tool: 0, tokens: Tokens::default(), done: false }
+        Stream {
+            include_usage,
+            prefix: Vec::new(),
+            blocks: Vec::new(),
+            next_tool: 0,
+            tokens: Tokens::default(),
+            done: false,
+        }
     }
 
     /// One chunk with `delta` (a JSON object text) and a finish reason.
@@ -157,7 +170,15 @@ impl Stream {
                 let name = f[3].clone().map_or(&b"\"\""[..], |r| &b[r]);
                 self.chunk(
                     out,
-                    &[b"{\"tool_calls\":[{\"index\":", itoa(k as u64).as_bytes(), b",\"id\":", id, b",\"type\":\"function\",\"function\":{\"name\":", name, b",\"arguments\":\"\"}}]}"],
+                    &[
+                        b"{\"tool_calls\":[{\"index\":",
+                        itoa(k as u64).as_bytes(),
+                        b",\"id\":",
+                        id,
+                        b",\"type\":\"function\",\"function\":{\"name\":",
+                        name,
+                        b",\"arguments\":\"\"}}]}",
+                    ],
                     None,
                 );
                 Block::Tool { k, args: false }
@@ -170,10 +191,14 @@ impl Stream {
             }
             _ => Block::Other,
         };
-        if self.blocks.len() <= index {
-            self.blocks.resize(index + 1, Block::Other);
+        // The index comes from the upstream: bounded, so a broken stream cannot make us
+        // allocate without limit (found by fuzzing). Blocks past the bound are ignored.
+        if index < MAX_BLOCKS {
+            if self.blocks.len() <= index {
+                self.blocks.resize(index + 1, Block::Other);
+            }
+            self.blocks[index] = kind;
         }
-        self.blocks[index] = kind;
     }
 
     fn block_delta(&mut self, data: &[u8], out: &mut BytesMut) {
@@ -191,7 +216,17 @@ impl Stream {
             if let (Some(t), Some(Block::Tool { k, args })) = (value(2), self.blocks.get_mut(index)) {
                 *args = true;
                 let k = *k;
-                self.chunk(out, &[b"{\"tool_calls\":[{\"index\":", itoa(k as u64).as_bytes(), b",\"function\":{\"arguments\":", t, b"}}]}"], None);
+                self.chunk(
+                    out,
+                    &[
+                        b"{\"tool_calls\":[{\"index\":",
+                        itoa(k as u64).as_bytes(),
+                        b",\"function\":{\"arguments\":",
+                        t,
+                        b"}}]}",
+                    ],
+                    None,
+                );
             }
         } else if str_is(kind, b"thinking_delta") {
             if let Some(t) = value(3) {
@@ -204,7 +239,15 @@ impl Stream {
     fn block_stop(&mut self, data: &[u8], out: &mut BytesMut) {
         let (Some(index), _) = index_and(data, b"") else { return };
         if let Some(Block::Tool { k, args: false }) = self.blocks.get(index).copied() {
-            self.chunk(out, &[b"{\"tool_calls\":[{\"index\":", itoa(k as u64).as_bytes(), b",\"function\":{\"arguments\":\"{}\"}}]}"], None);
+            self.chunk(
+                out,
+                &[
+                    b"{\"tool_calls\":[{\"index\":",
+                    itoa(k as u64).as_bytes(),
+                    b",\"function\":{\"arguments\":\"{}\"}}]}",
+                ],
+                None,
+            );
         }
     }
 
