@@ -1,0 +1,178 @@
+//! What reaches the client, byte for byte: a passthrough stream is the upstream's bytes minus
+//! only the usage-only event the gateway asked for on the client's behalf; a JSON body is the
+//! upstream's; and each frame is forwarded as it arrives, not when the upstream finishes.
+
+use crate::harness::client::{exchange, post, Client};
+use crate::harness::upstream::{chunk, response, sse_head, Gate, Step, Upstream, LAST_CHUNK};
+use crate::harness::{config, Gateway};
+use std::time::Duration;
+
+/// An OpenAI chat stream with line ends `nl`, as its events: the usage-only event is
+/// `events[USAGE]`.
+fn stream_events(nl: &str) -> Vec<String> {
+    let ev = |data: &str| format!("data: {data}{nl}{nl}");
+    vec![
+        ev(
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m-1","choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"},"finish_reason":null}],"usage":null}"#,
+        ),
+        format!(": keep-alive{nl}{nl}"),
+        ev(
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m-1","choices":[{"index":0,"delta":{"content":"lo \"usage\" \u00e9"},"finish_reason":null}],"usage":null}"#,
+        ),
+        ev(
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m-1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+        ),
+        ev(
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m-1","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#,
+        ),
+        ev("[DONE]"),
+    ]
+}
+const USAGE: usize = 4;
+
+/// The stream as chunks cut at awkward places: inside `data:`, after each byte of the first
+/// event's terminator (so a CR and its LF arrive apart), inside the usage event, inside the end.
+fn awkward_chunks(stream: &[u8]) -> Vec<Vec<u8>> {
+    let find = |needle: &[u8]| stream.windows(needle.len()).position(|w| w == needle).expect("needle in stream");
+    let first_json_end = find(b"\"usage\":null}") + 13;
+    let usage = find(b"\"choices\":[]");
+    let mut cuts: Vec<usize> = vec![3, usage + 5, stream.len() - 3];
+    cuts.extend((1..=3).map(|i| first_json_end + i));
+    cuts.sort();
+    cuts.dedup();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for c in cuts {
+        out.push(stream[at..c].to_vec());
+        at = c;
+    }
+    out.push(stream[at..].to_vec());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reaches_the_client_byte_for_byte_minus_only_the_usage_event_it_did_not_ask_for() {
+    for nl in ["\n", "\r\n"] {
+        let events = stream_events(nl);
+        let stream = events.concat().into_bytes();
+        let chunks = awkward_chunks(&stream);
+        let mut up = Upstream::start(move |_| {
+            let mut script = vec![Step::Write(sse_head(&[
+                ("x-request-id", "req-7"),
+                ("set-cookie", "up=1"),
+                ("x-upstream-secret", "zzz"),
+            ]))];
+            // Short pauses between the pieces so the gateway likely reads them apart; the
+            // expected bytes are the same however they are cut.
+            for c in &chunks {
+                script.push(Step::Write(chunk(c)));
+                script.push(Step::Pause(Duration::from_millis(3)));
+            }
+            script.push(Step::Write(LAST_CHUNK.to_vec()));
+            script
+        })
+        .await;
+        let gw = Gateway::start(&config(up.addr, "", ""));
+
+        // The client did not ask for usage: the gateway did, so it removes that one event.
+        let resp =
+            exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","stream":true,"messages":[]}"#))
+                .await;
+        assert_eq!(resp.status(), 200, "{}", resp.text());
+        let mut want = events.clone();
+        want.remove(USAGE);
+        assert_eq!(resp.text(), want.concat(), "line ends {nl:?}");
+        assert_eq!(resp.head.get("content-type"), Some("text/event-stream"));
+        assert_eq!(resp.head.get("x-request-id"), Some("req-7"));
+        assert_eq!(resp.head.get("set-cookie"), None);
+        assert_eq!(resp.head.get("x-upstream-secret"), None);
+        assert!(up.request().await.body_text().contains("\"include_usage\":true"));
+
+        // The client asked for usage: every byte as the upstream sent it.
+        let resp = exchange(
+            gw.addr,
+            &post(
+                "/v1/chat/completions",
+                &[],
+                r#"{"model":"m-1","stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.body, stream, "line ends {nl:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_reaches_the_client_byte_for_byte() {
+    let body = "{\n  \"id\": \"chatcmpl-1\",\n  \"object\": \"chat.completion\",\n  \"choices\": [{\"index\": 0, \"message\": {\"role\": \"assistant\", \"content\": \"caf\\u00e9 \\\"usage\\\"\"}, \"finish_reason\": \"stop\"}],\n  \"usage\": {\"prompt_tokens\": 5, \"completion_tokens\": 7, \"total_tokens\": 12}\n}\n";
+    let mut up = Upstream::start(move |_| {
+        vec![Step::Write(response(200, "application/json", &[("openai-processing-ms", "12")], body))]
+    })
+    .await;
+    let gw = Gateway::start(&config(up.addr, "", ""));
+    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[]}"#)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text(), body);
+    assert_eq!(resp.head.get("content-length"), Some(body.len().to_string().as_str()));
+    assert_eq!(resp.head.get("content-type"), Some("application/json"));
+    assert_eq!(resp.head.get("openai-processing-ms"), Some("12"));
+    up.request().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_reaches_the_client_before_the_upstream_finishes() {
+    let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"first\"}}]}\n\n";
+    let rest = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"second\"}}]}\n\ndata: [DONE]\n\n";
+    let gate = Gate::new();
+    let g = gate.clone();
+    let mut up = Upstream::start(move |_| {
+        vec![
+            Step::Write(sse_head(&[])),
+            Step::Write(chunk(first.as_bytes())),
+            Step::Wait(g.clone()),
+            Step::Write(chunk(rest.as_bytes())),
+            Step::Write(LAST_CHUNK.to_vec()),
+        ]
+    })
+    .await;
+    let gw = Gateway::start(&config(up.addr, "", ""));
+    // Whether or not the gateway filters the stream for the usage event, and on one keep-alive
+    // connection.
+    let mut client = Client::connect(gw.addr).await;
+    for body in
+        [r#"{"model":"m-1","stream":true,"stream_options":{"include_usage":true}}"#, r#"{"model":"m-1","stream":true}"#]
+    {
+        client.send(&post("/v1/chat/completions", &[], body)).await;
+        let head = client.head().await;
+        assert_eq!(head.status, 200);
+        // The upstream holds the rest back until the gate opens: the first event must come now.
+        let got = client.until(first.as_bytes()).await;
+        assert_eq!(got, first.as_bytes());
+        gate.open();
+        let got = client.rest().await.expect("the stream completes");
+        assert_eq!(String::from_utf8_lossy(&got), rest);
+        assert!(up.request().await.body_text().contains("\"include_usage\":true"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_stalled_past_the_idle_timeout_is_cut_not_completed() {
+    let body = r#"{"id":"chatcmpl-1","choices":[{"index":0,"message":{"role":"assistant","content":"partial"}}]}"#;
+    let mut up = Upstream::start(move |_| {
+        let full = response(200, "application/json", &[], body);
+        vec![Step::Write(full[..full.len() - 10].to_vec()), Step::Hang]
+    })
+    .await;
+    let gw = Gateway::start(&config(up.addr, "idle_timeout_secs = 0.3", ""));
+    let mut client = Client::connect(gw.addr).await;
+    client.send(&post("/v1/chat/completions", &[], r#"{"model":"m-1"}"#)).await;
+    let head = client.head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.get("content-length"), Some(body.len().to_string().as_str()));
+    // A JSON body has no in-band way to report the failure: the client must see it cut short.
+    let got = client.rest().await.expect_err("the body must be cut");
+    assert_eq!(String::from_utf8_lossy(&got), body[..body.len() - 10]);
+    let req = up.request().await;
+    assert_eq!(up.closed().await, req.conn);
+}
