@@ -96,7 +96,7 @@ pub fn cuts(seed: u16, len: usize) -> Vec<usize> {
 }
 
 /// The pieces of `input` between `cuts` (sorted; empty pieces allowed).
-fn pieces<'a>(input: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+pub fn pieces<'a>(input: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
     let starts = std::iter::once(0).chain(cuts.iter().copied());
     let ends = cuts.iter().copied().chain(std::iter::once(input.len()));
     starts.zip(ends).map(|(s, e)| &input[s..e]).collect()
@@ -170,7 +170,7 @@ fn bounded_state(input: &[u8]) {
 
 /// Splits `input` fed in the pieces `cuts` makes into the pieces the Splitter reports, plus the
 /// unterminated rest as the last piece (possibly empty).
-fn split(input: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+pub fn split(input: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
     let mut splitter = Splitter::default();
     let mut out = Vec::new();
     let mut current = Vec::new();
@@ -190,7 +190,7 @@ fn split(input: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
 
 /// When a blank line's CR ends a chunk, the Splitter cannot yet know that an LF follows, so the
 /// LF starts the next piece; moving it back gives the split of the whole input.
-fn canonical(pieces: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+pub fn canonical(pieces: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = Vec::new();
     for mut piece in pieces {
         if let Some(prev) = out.last_mut() {

@@ -17,12 +17,16 @@ pub mod anthropic;
 pub mod mock;
 pub mod openai;
 
+use crate::body::Body;
 use crate::config::Connection;
 use crate::error::Error;
 use crate::json::Usage;
 use crate::sse::Event;
+use bytes::Bytes;
 use bytes::BytesMut;
-use http::header::{HeaderMap, HeaderName, CONNECTION};
+use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Request, Uri};
+use std::time::Duration;
 
 /// Rewrites one provider response stream into OpenAI `chat.completion.chunk` SSE.
 pub trait Translate: Send {
@@ -75,6 +79,36 @@ pub fn forwarded(name: &HeaderName, allowed: &[&str], conn: &Connection, client_
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|token| token.trim().eq_ignore_ascii_case(n))
+}
+
+/// A JSON POST to `uri` carrying `parts` (sent as they are, one frame each): `content-type`,
+/// `content-length`, `accept-encoding: identity` (so usage can be read, and the client gets what
+/// it would get uncompressed), the client headers [`forwarded`] allows, then the connection's
+/// own headers (its key first).
+pub fn upstream_post(
+    conn: &Connection,
+    uri: &Uri,
+    parts: Vec<Bytes>,
+    allowed: &[&str],
+    client_headers: &HeaderMap,
+) -> Result<Request<Body>, Error> {
+    let len: usize = parts.iter().map(Bytes::len).sum();
+    let mut req = Request::post(uri.clone())
+        .body(Body::chunks(parts, Duration::ZERO))
+        .map_err(|_| Error::bad_gateway("could not build the upstream request"))?;
+    let h = req.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    for (name, value) in client_headers {
+        if forwarded(name, allowed, conn, client_headers) {
+            h.append(name.clone(), value.clone());
+        }
+    }
+    for (name, value) in &conn.headers {
+        h.insert(name.clone(), value.clone());
+    }
+    Ok(req)
 }
 
 /// Seconds since the Unix epoch, for `created` fields.

@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::json::{self, RequestFields};
 use crate::router::Target;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Request, Response, StatusCode};
 use std::ops::Range;
 
@@ -76,8 +76,6 @@ pub fn request(
     if at < body.len() {
         parts.push(body.slice(at..));
     }
-    let len: usize = parts.iter().map(Bytes::len).sum();
-
     let urls = conn.urls.as_ref().ok_or_else(|| Error::unavailable("connection has no URL"))?;
     let uri = match api {
         Api::Chat => Some(&urls.chat),
@@ -85,22 +83,7 @@ pub fn request(
         Api::Embeddings => urls.embeddings.as_ref(),
     }
     .ok_or_else(|| Error::unavailable(format!("Connection `{}` does not serve this endpoint.", conn.name)))?;
-    let mut req = Request::post(uri.clone())
-        .body(Body::chunks(parts, std::time::Duration::ZERO))
-        .map_err(|_| Error::bad_gateway("could not build the upstream request"))?;
-    let h = req.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    // Identity, so usage can be read; the client gets what it would get without compression.
-    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    for (name, value) in client_headers {
-        if super::forwarded(name, REQUEST_HEADERS, conn, client_headers) {
-            h.append(name.clone(), value.clone());
-        }
-    }
-    for (name, value) in &conn.headers {
-        h.insert(name.clone(), value.clone());
-    }
+    let req = super::upstream_post(conn, uri, parts, REQUEST_HEADERS, client_headers)?;
     Ok(Upstream { request: req, strip_usage })
 }
 

@@ -3,7 +3,7 @@
 //! including any crash input added there after it was fixed.
 
 #[path = "../../fuzz/checks.rs"]
-mod checks;
+pub mod checks;
 
 use std::path::Path;
 

@@ -4,6 +4,7 @@
 //! matters: whole, one byte at a time, every single split point, and random multi-splits. The
 //! streaming contract (DESIGN.md) is that any chunking of the same bytes gives the same output.
 
+use crate::fuzz_replay::checks::{canonical, pieces, split};
 use crate::reference::{self, RefEvent};
 use lmgate::sse::{self, Decoder, LineDecoder, Splitter, TooLarge};
 use std::path::Path;
@@ -38,13 +39,6 @@ impl Rng {
         cuts.sort_unstable();
         cuts
     }
-}
-
-/// The chunks between sorted split points.
-fn chunks<'a>(input: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
-    let starts = std::iter::once(0).chain(cuts.iter().copied());
-    let ends = cuts.iter().copied().chain(std::iter::once(input.len()));
-    starts.zip(ends).map(|(s, e)| &input[s..e]).collect()
 }
 
 /// Every file with extension `ext` under tests/fixtures/sse/<provider>/, sorted by path.
@@ -118,42 +112,6 @@ fn lines(chunks: &[&[u8]], limit: usize) -> (Vec<Vec<u8>>, Option<TooLarge>) {
     (lines, None)
 }
 
-/// The pieces a `Splitter` reports for `chunks`, as the passthrough body forms them (a piece
-/// may span chunks), plus the unterminated rest as the last piece.
-fn split(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
-    let mut splitter = Splitter::default();
-    let mut pieces = Vec::new();
-    let mut current = Vec::new();
-    for chunk in chunks {
-        let mut from = 0;
-        while let Some(end) = splitter.next_end(chunk, from) {
-            assert!(from < end && end <= chunk.len(), "next_end({from}) = {end}");
-            current.extend_from_slice(&chunk[from..end]);
-            pieces.push(std::mem::take(&mut current));
-            from = end;
-        }
-        current.extend_from_slice(&chunk[from..]);
-    }
-    pieces.push(current);
-    pieces
-}
-
-/// When a blank line's CR ends a chunk, the Splitter cannot know yet that an LF follows; that
-/// LF then starts the next piece. Moving it back gives the pieces of the unsplit input.
-fn canonical(pieces: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    for mut piece in pieces {
-        if let Some(prev) = out.last_mut() {
-            if piece.first() == Some(&b'\n') && prev.last() == Some(&b'\r') {
-                prev.push(b'\n');
-                piece.remove(0);
-            }
-        }
-        out.push(piece);
-    }
-    out
-}
-
 /// The `data` of each reported piece that has any (`sse::data`), which is what the passthrough
 /// body observes. A leading BOM is forwarded as bytes by the passthrough (the client strips it);
 /// it is skipped here so the fields behind it are read as the spec reads them.
@@ -173,7 +131,7 @@ fn piece_datas(pieces: &[Vec<u8>]) -> Vec<Vec<u8>> {
 /// Checks the Splitter on one chunking of `input` against its whole-input split and the
 /// reference decoder.
 fn assert_splits(input: &[u8], cuts: &[usize], whole: &[Vec<u8>], want: &[Vec<u8>], what: &str) {
-    let pieces = split(&chunks(input, cuts));
+    let pieces = split(input, cuts);
     assert_eq!(pieces.concat(), input, "{what}: cuts {cuts:?}: bytes lost or added");
     assert_eq!(canonical(pieces.clone()), whole, "{what}: cuts {cuts:?}: pieces differ");
     assert_eq!(piece_datas(&pieces), want, "{what}: cuts {cuts:?}: data differs from the reference");
@@ -289,7 +247,7 @@ fn every_sse_fixture_decodes_the_same_at_random_multi_splits() {
         let want = reference::decode(&input);
         for _ in 0..300 {
             let cuts = rng.cuts(input.len(), 64);
-            assert!(decodes_to(&chunks(&input, &cuts), &want), "{name}: cuts {cuts:?}");
+            assert!(decodes_to(&pieces(&input, &cuts), &want), "{name}: cuts {cuts:?}");
         }
     }
 }
@@ -309,7 +267,7 @@ fn generated_streams_decode_like_the_reference_at_random_chunkings() {
         assert_eq!(show(&decode(&bytes, LIMIT).0), want, "{what}: one byte at a time");
         for _ in 0..4 {
             let cuts = rng.cuts(input.len(), 8);
-            assert_eq!(show(&decode(&chunks(&input, &cuts), LIMIT).0), want, "{what}: cuts {cuts:?}");
+            assert_eq!(show(&decode(&pieces(&input, &cuts), LIMIT).0), want, "{what}: cuts {cuts:?}");
         }
     }
 }
@@ -475,7 +433,7 @@ fn splitter_pieces_give_back_the_input_and_the_reference_data_at_every_split_poi
     let mut scratch = Vec::new();
     let mut data = |piece: &[u8]| sse::data(piece, &mut scratch).map(<[u8]>::to_vec);
     for (name, input) in fixtures("sse") {
-        let whole = canonical(split(&[&input]));
+        let whole = canonical(split(&input, &[]));
         let want: Vec<Vec<u8>> = reference::decode(&input).into_iter().map(|e| e.1).collect();
         assert_eq!(piece_datas(&whole), want, "{name}: whole");
         let every_byte: Vec<usize> = (1..input.len()).collect();
@@ -505,7 +463,7 @@ fn splitter_on_generated_streams_agrees_with_the_reference_at_random_chunkings()
     let mut rng = Rng(4);
     for case in 0..4000 {
         let input = generated(&mut rng);
-        let whole = canonical(split(&[&input]));
+        let whole = canonical(split(&input, &[]));
         let want: Vec<Vec<u8>> = reference::decode(&input).into_iter().map(|e| e.1).collect();
         let what = format!("case {case}: {:?}", String::from_utf8_lossy(&input));
         assert_eq!(piece_datas(&whole), want, "{what}: whole");

@@ -23,7 +23,6 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use std::time::Duration;
 
 /// Largest non-stream or error body read whole.
 const MAX_BODY: usize = 64 << 20;
@@ -38,23 +37,7 @@ pub fn upstream_request(
     client_headers: &HeaderMap,
 ) -> Result<Request<Body>, Error> {
     let urls = conn.urls.as_ref().ok_or_else(|| Error::unavailable("connection has no URL"))?;
-    let body = Bytes::from(translated.body.clone());
-    let mut req = Request::post(urls.chat.clone())
-        .body(Body::chunks(vec![body], Duration::ZERO))
-        .map_err(|_| Error::bad_gateway("could not build the upstream request"))?;
-    let h = req.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(translated.body.len()));
-    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    for (name, value) in client_headers {
-        if super::forwarded(name, REQUEST_HEADERS, conn, client_headers) {
-            h.append(name.clone(), value.clone());
-        }
-    }
-    for (name, value) in &conn.headers {
-        h.insert(name.clone(), value.clone());
-    }
-    Ok(req)
+    super::upstream_post(conn, &urls.chat, vec![translated.body.clone()], REQUEST_HEADERS, client_headers)
 }
 
 /// Turns the Messages response into the client's: a translated stream, a translated message,

@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 /// What the stream translator needs to know from the request.
 pub struct Translated {
     /// The Anthropic request body.
-    pub body: Vec<u8>,
+    pub body: bytes::Bytes,
     /// `stream: true`.
     pub stream: bool,
     /// The client asked for `stream_options.include_usage`.
@@ -323,7 +323,7 @@ pub fn translate(body: &[u8], model: &str, default_max_tokens: u64) -> Result<Tr
     let body =
         serde_json::to_vec(&out).map_err(|e| Error::invalid_request(format!("Cannot translate the request: {e}.")))?;
     let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-    Ok(Translated { body, stream, include_usage })
+    Ok(Translated { body: body.into(), stream, include_usage })
 }
 
 fn reject_unsupported(r: &ChatRequest) -> Result<(), Error> {
