@@ -76,6 +76,7 @@ struct RawServer {
     listen: Option<String>,
     max_request_bytes: Option<usize>,
     shutdown_grace_secs: Option<f64>,
+    body_timeout_secs: Option<f64>,
     model_listing_mode: Option<ListingMode>,
 }
 
@@ -182,6 +183,8 @@ pub struct Server {
     pub max_request_bytes: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How long a client may take to send its request body (408 past it).
+    pub body_timeout: Duration,
     /// Whether `/v1/models` lists wildcard patterns.
     pub list_wildcards: bool,
 }
@@ -499,13 +502,14 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
         return err("server.max_request_bytes must be greater than 0");
     }
     let shutdown_grace = secs("server.shutdown_grace_secs", s.shutdown_grace_secs, 30.0, true)?;
+    let body_timeout = secs("server.body_timeout_secs", s.body_timeout_secs, 60.0, false)?;
     let mode = match (s.model_listing_mode, raw.model_listing_mode) {
         (Some(_), Some(_)) => {
             return err("`model_listing_mode` is set both at the top level and in [server]: keep one")
         }
         (a, b) => a.or(b).unwrap_or(ListingMode::AsIs),
     };
-    Ok(Server { listen, max_request_bytes, shutdown_grace, list_wildcards: mode == ListingMode::AsIs })
+    Ok(Server { listen, max_request_bytes, shutdown_grace, body_timeout, list_wildcards: mode == ListingMode::AsIs })
 }
 
 fn secs(key: &str, v: Option<f64>, default: f64, zero_ok: bool) -> Result<Duration, ConfigError> {

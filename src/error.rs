@@ -121,6 +121,17 @@ impl Error {
         .code("request_too_large")
     }
 
+    /// 408: the client did not send its request body in time.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            Side::Client,
+            format!("The request body did not arrive within {limit:?}."),
+        )
+        .code("request_timeout")
+    }
+
     /// 502: the upstream could not be reached or answered with something unusable.
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "api_error", Side::Upstream, message).code("upstream_error")

@@ -3,7 +3,7 @@
 //! ```text
 //! local endpoints (health, models)       -> answered here
 //! auth::check(headers)                   -> 401, one generic body
-//! bounded body read (max_request_bytes)  -> 413
+//! bounded body read (max_request_bytes)  -> 413; body_timeout_secs -> 408
 //! json::scan_request: model, stream      -> 400 (malformed, missing, duplicated)
 //! router.route(model)                    -> 404; disabled connection 503; group may not 403
 //! provider: mock answers in-process | openai splices the client's body | anthropic translates
@@ -150,10 +150,13 @@ impl Proxy {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(Error::too_large(limit));
         }
-        let body = match Limited::new(body, limit).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(Error::too_large(limit)),
-            Err(_) => return Err(Error::invalid_request("Could not read the request body.")),
+        // Bounded in size and in time: a client trickling its body cannot hold a connection.
+        let read = tokio::time::timeout(cfg.server.body_timeout, Limited::new(body, limit).collect());
+        let body = match read.await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(Error::too_large(limit)),
+            Ok(Err(_)) => return Err(Error::invalid_request("Could not read the request body.")),
+            Err(_) => return Err(Error::body_timeout(cfg.server.body_timeout)),
         };
 
         let fields = json::scan_request(&body).map_err(|e| match e {

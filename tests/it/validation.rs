@@ -70,6 +70,18 @@ async fn malformed_requests_get_a_400_and_never_reach_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_finishes_arriving_gets_a_408_and_never_reaches_the_upstream() {
+    let mut up = Upstream::start(|_| vec![Step::Write(json(r#"{"ok":true}"#))]).await;
+    let gw = Gateway::start(&gateway_config(up.addr).replace("[server]\n", "[server]\nbody_timeout_secs = 0.2\n"));
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer gk\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n";
+    let mut client = Client::connect(gw.addr).await;
+    client.send(head.as_bytes()).await;
+    client.send(br#"{"model":"m-1","#).await; // then nothing more
+    assert_eq!(client.response().await.openai_error(408)["code"], "request_timeout");
+    upstream_saw_nothing_before(&mut up, &gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_max_request_bytes_gets_a_413_with_content_length_or_chunked() {
     let (mut up, gw) = setup().await;
 
