@@ -214,11 +214,13 @@ impl Proxy {
                 record.usage = usage.or(record.usage);
                 Ok(response)
             }
-            _ => {
+            (ApiType::Mock, _) => {
                 let answer = self.mock.respond(api, &body, upstream_model, headers)?;
                 record.usage = Some(answer.usage);
                 Ok(answer.response)
             }
+            // Proxy::new builds a client for every network connection.
+            (_, None) => Err(Error::unavailable(format!("Connection `{}` has no upstream client.", conn.name))),
         }
     }
 
