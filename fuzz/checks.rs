@@ -230,17 +230,49 @@ pub fn anthropic_stream(input: &[u8]) {
     };
     let whole = run(&[]);
     let cuts = cuts(u16::from_le_bytes([*a, *b]), stream.len());
-    assert_eq!(run(&cuts), whole, "translation depends on chunking, cuts {cuts:?}");
+    let split = run(&cuts);
+    assert_eq!(
+        String::from_utf8_lossy(&without_created(&split)),
+        String::from_utf8_lossy(&without_created(&whole)),
+        "translation depends on chunking, cuts {cuts:?}"
+    );
     let events = reference::decode(&whole);
     for (i, (_, data, _)) in events.iter().enumerate() {
         if data == b"[DONE]" {
             assert_eq!(i + 1, events.len(), "events after [DONE]");
             continue;
         }
-        let v: serde_json::Value = serde_json::from_slice(data)
-            .unwrap_or_else(|e| panic!("output data is not JSON ({e}): {}", String::from_utf8_lossy(data)));
-        if v.get("error").is_some() {
+        // Valid JSON text: UTF-8 and the RFC 8259 grammar (lone surrogate escapes, which
+        // serde_json refuses, are copied from the upstream as they are and are grammatical).
+        let text = std::str::from_utf8(data).unwrap_or_else(|e| panic!("output data is not UTF-8: {e}"));
+        let mut is_error = false;
+        lmgate::json::members(data, |k, _| {
+            is_error |= k == b"\"error\"";
+            true
+        })
+        .unwrap_or_else(|e| panic!("output data is not a JSON object ({e}): {text}"));
+        if is_error {
             assert_eq!(i + 1, events.len(), "events after an error event");
         }
     }
+}
+
+/// `out` with the digits of every `"created":` value removed: two runs may straddle a second.
+fn without_created(out: &[u8]) -> Vec<u8> {
+    const KEY: &[u8] = b"\"created\":";
+    let mut result = Vec::with_capacity(out.len());
+    let mut i = 0;
+    while i < out.len() {
+        if out[i..].starts_with(KEY) {
+            result.extend_from_slice(KEY);
+            i += KEY.len();
+            while i < out.len() && out[i].is_ascii_digit() {
+                i += 1;
+            }
+        } else {
+            result.push(out[i]);
+            i += 1;
+        }
+    }
+    result
 }

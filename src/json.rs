@@ -155,9 +155,10 @@ impl<const N: usize> ShortKey<N> {
     }
 }
 
-/// Unescapes a key token (quotes included) of at most `N` bytes, without allocating.
+/// Unescapes a key or string token (quotes included) of at most `N` bytes, without allocating.
+/// `None` for anything else: callers pass value tokens from upstreams, which may be any JSON.
 pub fn unescaped_key<const N: usize>(raw: &[u8]) -> Option<ShortKey<N>> {
-    let inner = &raw[1..raw.len() - 1];
+    let inner = raw.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
     let mut out = ShortKey { buf: [0; N], len: 0 };
     let mut i = 0;
     while i < inner.len() {
@@ -604,6 +605,14 @@ mod tests {
         assert!(scan_request(deep.as_bytes()).is_err());
         let ok = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
         assert!(scan_request(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn non_string_tokens_are_not_keys() {
+        for token in [&b"1"[..], b"null", b"\"", b"", b"{}"] {
+            assert!(unescaped_key::<8>(token).is_none(), "{token:?}");
+        }
+        assert_eq!(unescaped_key::<8>(br#""a\u0062""#).unwrap().as_slice(), b"ab");
     }
 
     #[test]

@@ -86,14 +86,29 @@ pub struct Stream {
 impl Stream {
     /// A translator; `include_usage` is whether the client asked for the usage chunk.
     pub fn new(include_usage: bool) -> Self {
-        Stream {
+        let mut s = Stream {
             include_usage,
             prefix: Vec::new(),
             blocks: Vec::new(),
             next_tool: 0,
             tokens: Tokens::default(),
             done: false,
-        }
+        };
+        // A stream that skips `message_start` still gets well-formed chunks (found by fuzzing).
+        s.set_prefix(b"\"chatcmpl-lmgate\"", b"\"unknown\"");
+        s
+    }
+
+    /// Renders the chunk prefix for message `id` and `model` (JSON string tokens).
+    fn set_prefix(&mut self, id: &[u8], model: &[u8]) {
+        self.prefix.clear();
+        self.prefix.extend_from_slice(b"data: {\"id\":");
+        self.prefix.extend_from_slice(id);
+        self.prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        self.prefix.extend_from_slice(itoa(crate::provider::unix_now()).as_bytes());
+        self.prefix.extend_from_slice(b",\"model\":");
+        self.prefix.extend_from_slice(model);
+        self.prefix.extend_from_slice(b",\"choices\":[");
     }
 
     /// One chunk with `delta` (a JSON object text) and a finish reason.
@@ -140,14 +155,7 @@ impl Stream {
                 true
             });
         }
-        self.prefix.clear();
-        self.prefix.extend_from_slice(b"data: {\"id\":");
-        self.prefix.extend_from_slice(id);
-        self.prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
-        self.prefix.extend_from_slice(itoa(crate::provider::unix_now()).as_bytes());
-        self.prefix.extend_from_slice(b",\"model\":");
-        self.prefix.extend_from_slice(model);
-        self.prefix.extend_from_slice(b",\"choices\":[");
+        self.set_prefix(id, model);
         self.chunk(out, &[b"{\"role\":\"assistant\",\"content\":\"\"}"], None);
     }
 
@@ -289,6 +297,12 @@ impl Translate for Stream {
             return Ok(());
         }
         let data = ev.data;
+        // Fragments are copied as they are, so bytes that are not UTF-8 would reach the client
+        // as broken JSON text (found by fuzzing): the stream ends with an error instead.
+        if std::str::from_utf8(data).is_err() {
+            self.done = true;
+            return Err(Error::bad_gateway("The upstream sent a stream event that is not UTF-8."));
+        }
         // The event name equals the JSON `type`; fall back to the JSON when a proxy dropped it.
         let name: &[u8] = match (ev.event, fields(data, &[b"type"])[0].clone()) {
             (name, _) if !name.is_empty() => name,
