@@ -276,3 +276,22 @@ fn without_created(out: &[u8]) -> Vec<u8> {
     }
     result
 }
+
+/// `request`: arbitrary bytes as a client request body. The scanner never panics and accepts
+/// every object serde_json accepts (unless a member it reads is duplicated; serde_json also
+/// refuses some things the scanner accepts: lone surrogate escapes, nesting past 128); a body it
+/// accepts translates for Anthropic or fails with a 400, never a panic.
+pub fn request(input: &[u8]) {
+    let scanned = lmgate::json::scan_request(input);
+    if let Ok(serde_json::Value::Object(_)) = serde_json::from_slice::<serde_json::Value>(input) {
+        assert!(
+            matches!(scanned, Ok(_) | Err(lmgate::json::RequestError::Duplicate(_))),
+            "serde_json accepts what the scanner refuses: {scanned:?}"
+        );
+    }
+    if scanned.is_ok() {
+        if let Err(e) = lmgate::provider::anthropic::request::translate(input, "claude-fuzz", 1024) {
+            assert_eq!(e.status, 400, "translation failed with {e}");
+        }
+    }
+}

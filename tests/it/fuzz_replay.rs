@@ -40,3 +40,8 @@ fn sse_chunking_corpus_passes_its_checks() {
 fn anthropic_stream_corpus_passes_its_checks() {
     assert!(replay("anthropic_stream", checks::anthropic_stream) >= 5);
 }
+
+#[test]
+fn request_corpus_passes_its_checks() {
+    assert!(replay("request", checks::request) >= 5);
+}
