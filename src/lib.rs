@@ -6,10 +6,13 @@
 //! - [`auth`]: virtual keys (hashed, constant-time) → access group.
 //! - [`json`]: the non-allocating request scanner and splice points; usage extraction.
 //! - [`router`]: model patterns → connection and upstream model.
-//! - [`provider`]: what each `api_type` does (OpenAI-compatible passthrough, built-in mock).
+//! - [`provider`]: what each `api_type` does: OpenAI-compatible passthrough, Anthropic
+//!   translation (request, stream event by event, message, errors), the built-in mock; the
+//!   `Translate` trait every translated stream implements.
 //! - [`client`]: pooled upstream clients, one per connection (rustls, optional h2).
-//! - [`body`]: response bodies: passthrough (observed for usage), chunks, full.
-//! - [`sse`]: incremental SSE event boundaries and data fields.
+//! - [`body`]: response bodies: passthrough (observed for usage), translated (decoder +
+//!   translator + reused buffer), chunks, full.
+//! - [`sse`]: the WHATWG event-stream decoder, event boundaries for passthrough, NDJSON lines.
 //! - [`record`]: one log record per request, written once on drop.
 //! - [`config`]: TOML → validated `Config`; `env:` secrets; lm-proxy compatibility.
 //! - [`error`]: OpenAI-style errors with status and fault side.
