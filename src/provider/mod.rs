@@ -67,8 +67,9 @@ const NEVER_FORWARDED: &[&str] = &[
 ];
 
 /// Whether client header `name` goes upstream: it is on the provider's allow-list `allowed` or
-/// matches the connection's `forward_headers`, and it is neither in [`NEVER_FORWARDED`] nor
-/// named as hop-by-hop by the client's `Connection` header.
+/// matches the connection's `forward_headers`, and it is neither a credential, framing or
+/// hop-by-hop header (`NEVER_FORWARDED`) nor named as hop-by-hop by the client's `Connection`
+/// header.
 pub fn forwarded(name: &HeaderName, allowed: &[&str], conn: &Connection, client_headers: &HeaderMap) -> bool {
     let n = name.as_str();
     (allowed.contains(&n) || conn.forward_headers.iter().any(|p| p.matches(n)))
