@@ -16,6 +16,8 @@
 //! - [`record`]: one log record per request, written once on drop.
 //! - [`config`]: TOML → validated `Config`; `env:` secrets; lm-proxy compatibility.
 //! - [`error`]: OpenAI-style errors with status and fault side.
+//! - [`bench`]: `lmgate bench`, the load generator and latency meter (closed/open loop,
+//!   HDR percentiles, `--compare` against a direct upstream).
 //!
 //! Guarantees: the client never chooses where we connect (upstreams come from config only); the
 //! client's credentials never go upstream and provider keys never reach a client, a log line or
@@ -25,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod bench;
 pub mod body;
 pub mod client;
 pub mod config;

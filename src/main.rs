@@ -1,4 +1,4 @@
-//! The `lmgate` command: serve, check, mock.
+//! The `lmgate` command: serve, check, mock, bench.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lmgate::config::Config;
@@ -49,6 +49,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
         log_format: LogFormat,
     },
+    /// Benchmark an OpenAI-compatible base URL (latency percentiles, throughput, errors).
+    Bench(Box<lmgate::bench::Args>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -96,6 +98,7 @@ fn load(config: &Path, env_file: &str) -> Result<Config, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config, log_format, quiet) = match cli.command {
+        Command::Bench(args) => return lmgate::bench::run(*args),
         Command::Check { config, env } => {
             return match load(&config, &env) {
                 Ok(cfg) => {

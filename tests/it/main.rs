@@ -66,3 +66,4 @@ pub mod counting {
 
 #[global_allocator]
 static ALLOCATOR: counting::Counting = counting::Counting;
+mod bench;
