@@ -75,6 +75,9 @@ pub struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the JSON object to this file (the table still goes to stdout).
+    #[arg(long)]
+    pub save: Option<PathBuf>,
     /// Compare against this direct upstream URL in interleaved rounds (direct, gateway, ...).
     #[arg(long)]
     pub compare: Option<String>,
@@ -201,19 +204,23 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let (text, all_failed) = match &outcome {
+    let (json, table, all_failed) = match &outcome {
         Outcome::Single(r) => {
             let s = r.summary();
-            let text =
-                if args.json { serde_json::to_string_pretty(&s).map_err(|e| e.to_string()) } else { Ok(s.table()) };
-            (text, s.ok == 0)
+            (serde_json::to_string_pretty(&s), s.table(), s.ok == 0)
         }
         Outcome::Compare { comparison: c, .. } => {
-            let text =
-                if args.json { serde_json::to_string_pretty(c).map_err(|e| e.to_string()) } else { Ok(c.table()) };
-            (text, c.gateway.iter().chain(&c.direct).all(|s| s.ok == 0))
+            (serde_json::to_string_pretty(c), c.table(), c.gateway.iter().chain(&c.direct).all(|s| s.ok == 0))
         }
     };
+    let json = json.map_err(|e| e.to_string());
+    if let (Some(path), Ok(json)) = (&args.save, &json) {
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let text = if args.json { json } else { Ok(table) };
     match text {
         Ok(t) => println!("{}", t.trim_end()),
         Err(e) => {

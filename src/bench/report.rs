@@ -282,8 +282,12 @@ pub struct Added {
 pub struct Comparison {
     /// Rounds per arm.
     pub rounds: usize,
-    /// Added latency per percentile (p50, p90, p99, p99.9, max).
+    /// Added whole-request latency per percentile (p50, p90, p99, p99.9, max).
     pub latency: Vec<Added>,
+    /// Added time to first token per percentile (streams only, else empty).
+    pub ttft: Vec<Added>,
+    /// Added gap between content events per percentile (streams only, else empty).
+    pub gap: Vec<Added>,
     /// Gateway throughput / direct throughput, over rounds.
     pub throughput_ratio: Option<Spread>,
     /// Per-round summaries of the direct arm.
@@ -292,32 +296,45 @@ pub struct Comparison {
     pub gateway: Vec<Summary>,
 }
 
-/// Compares paired rounds: round `i` of `direct` with round `i` of `gateway` (extra rounds on
-/// either side are ignored). The noise floor is the spread of differences between consecutive
-/// direct rounds, so it is `None` with fewer than two rounds.
-pub fn compare(direct: Vec<Summary>, gateway: Vec<Summary>) -> Comparison {
+/// The added value per percentile of one measure (`of` picks it out of a summary) over paired
+/// rounds, with the noise floor from consecutive direct rounds. Empty when a round lacks it.
+fn added(direct: &[Summary], gateway: &[Summary], of: fn(&Summary) -> Option<&Percentiles>) -> Vec<Added> {
     let rounds = direct.len().min(gateway.len());
-    let latency = (0..COLUMNS.len())
+    let values = |arm: &[Summary]| -> Option<Vec<[u64; 5]>> {
+        arm[..rounds].iter().map(|s| of(s).map(Percentiles::values)).collect()
+    };
+    let (Some(d), Some(g)) = (values(direct), values(gateway)) else { return Vec::new() };
+    (0..COLUMNS.len())
         .filter_map(|k| {
-            let added: Vec<f64> = (0..rounds)
-                .map(|i| gateway[i].latency_us.values()[k] as f64 - direct[i].latency_us.values()[k] as f64)
-                .collect();
-            let noise: Vec<f64> = direct
-                .windows(2)
-                .map(|w| w[1].latency_us.values()[k] as f64 - w[0].latency_us.values()[k] as f64)
-                .collect();
+            let added: Vec<f64> = d.iter().zip(&g).map(|(d, g)| g[k] as f64 - d[k] as f64).collect();
+            let noise: Vec<f64> = d.windows(2).map(|w| w[1][k] as f64 - w[0][k] as f64).collect();
             let added_us = Spread::of(&added)?;
             let noise_us = Spread::of(&noise);
             let floor = noise_us.map_or(0.0, |n| n.min.abs().max(n.max.abs()));
             let within_noise = noise_us.is_some() && added_us.median.abs() <= floor;
             Some(Added { percentile: COLUMNS[k].to_string(), added_us, noise_us, within_noise })
         })
-        .collect();
+        .collect()
+}
+
+/// Compares paired rounds: round `i` of `direct` with round `i` of `gateway` (extra rounds on
+/// either side are ignored). The noise floor is the spread of differences between consecutive
+/// direct rounds, so it is `None` with fewer than two rounds.
+pub fn compare(direct: Vec<Summary>, gateway: Vec<Summary>) -> Comparison {
+    let rounds = direct.len().min(gateway.len());
     let ratios: Vec<f64> = (0..rounds)
         .filter(|&i| direct[i].requests_per_s > 0.0)
         .map(|i| gateway[i].requests_per_s / direct[i].requests_per_s)
         .collect();
-    Comparison { rounds, latency, throughput_ratio: Spread::of(&ratios), direct, gateway }
+    Comparison {
+        rounds,
+        latency: added(&direct, &gateway, |s| Some(&s.latency_us)),
+        ttft: added(&direct, &gateway, |s| s.ttft_us.as_ref()),
+        gap: added(&direct, &gateway, |s| s.gap_us.as_ref()),
+        throughput_ratio: Spread::of(&ratios),
+        direct,
+        gateway,
+    }
 }
 
 impl Comparison {
@@ -329,19 +346,26 @@ impl Comparison {
             let _ = writeln!(out, "direct       {}", d.target);
             let _ = writeln!(out, "gateway      {}", g.target);
         }
-        let _ = writeln!(out, "{:<8}{:>14}{:>24}{:>24}", "ms", "added median", "added min..max", "A/A noise min..max");
-        for a in &self.latency {
-            let noise =
-                a.noise_us.map_or_else(|| "-".to_string(), |n| format!("{}..{}", ms_signed(n.min), ms_signed(n.max)));
-            let _ = writeln!(
-                out,
-                "{:<8}{:>14}{:>24}{:>24}{}",
-                a.percentile,
-                ms_signed(a.added_us.median),
-                format!("{}..{}", ms_signed(a.added_us.min), ms_signed(a.added_us.max)),
-                noise,
-                if a.within_noise { "  (within noise)" } else { "" }
-            );
+        for (name, rows) in [("latency", &self.latency), ("ttft", &self.ttft), ("chunk gap", &self.gap)] {
+            if rows.is_empty() {
+                continue;
+            }
+            let _ =
+                writeln!(out, "{:<10}{:>14}{:>24}{:>24}", name, "added median", "added min..max", "A/A noise min..max");
+            for a in rows {
+                let noise = a
+                    .noise_us
+                    .map_or_else(|| "-".to_string(), |n| format!("{}..{}", ms_signed(n.min), ms_signed(n.max)));
+                let _ = writeln!(
+                    out,
+                    "  {:<8}{:>14}{:>24}{:>24}{}",
+                    a.percentile,
+                    ms_signed(a.added_us.median),
+                    format!("{}..{}", ms_signed(a.added_us.min), ms_signed(a.added_us.max)),
+                    noise,
+                    if a.within_noise { "  (within noise)" } else { "" }
+                );
+            }
         }
         if let Some(r) = &self.throughput_ratio {
             let _ = writeln!(out, "throughput gateway/direct: {:.3} (min {:.3}, max {:.3})", r.median, r.min, r.max);
@@ -547,6 +571,29 @@ mod tests {
         assert!(!p50.within_noise);
         assert_eq!(c.throughput_ratio.map(|r| r.median), Some(0.5));
         assert!(c.table().contains("p50"));
+    }
+
+    #[test]
+    fn compare_reports_ttft_and_gaps_only_when_every_round_has_them() {
+        let arm = |ttft: &[u64]| -> Vec<Summary> {
+            ttft.iter()
+                .map(|&t| {
+                    let mut r = report_with([5000; 4]);
+                    r.elapsed = Duration::from_secs(1);
+                    record(&mut r.ttft, Duration::from_micros(t));
+                    record(&mut r.gap, Duration::from_micros(t / 10));
+                    r.summary()
+                })
+                .collect()
+        };
+        let c = compare(arm(&[1000, 1000, 1000]), arm(&[1300, 1200, 1250]));
+        assert_eq!(c.ttft[0].added_us, Spread { median: 250.0, min: 200.0, max: 300.0 });
+        assert_eq!(c.gap[0].added_us.median, 25.0);
+        assert!(c.table().contains("ttft") && c.table().contains("chunk gap"));
+        // A non-stream arm has no TTFT: nothing is invented for it.
+        let plain = |n: usize| (0..n).map(|_| report_with([5000; 4]).summary()).collect::<Vec<_>>();
+        let c = compare(plain(3), arm(&[1300, 1200, 1250]));
+        assert!(c.ttft.is_empty() && c.gap.is_empty() && !c.table().contains("ttft"));
     }
 
     #[test]
