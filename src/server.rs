@@ -55,6 +55,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
 
+    let tick = tokio::spawn(timer_tick());
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -102,6 +103,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     }
 
     drop(listener);
+    tick.abort();
     proxy.drain();
     let _ = phase_tx.send(Phase::Draining);
     drop(alive_tx);
@@ -110,5 +112,19 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         tracing::warn!("grace period over: cutting the remaining connections");
         let _ = phase_tx.send(Phase::Cut);
         let _ = tokio::time::timeout(Duration::from_secs(5), alive_rx.recv()).await;
+    }
+}
+
+/// Keeps a timer due within a second pending at all times. When a worker that does not own the
+/// I/O driver sets a timer earlier than every pending one, Tokio wakes the driver's thread (an
+/// eventfd write plus an extra `epoll_wait`), and hyper sets a header-read timer for every
+/// request on a keep-alive connection. Measured with `strace -c -f` over 2000 sequential requests
+/// on the two-worker runtime: eventfd writes fell from 1.48 to 0.28 per request and `epoll_wait`
+/// calls from 2.64 to 2.35. (With one worker the driver is always local and nothing changes.)
+async fn timer_tick() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
