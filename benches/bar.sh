@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# The performance bar: lmgate against nginx (the yardstick: a bare, well-tuned proxy hop) in front
+# of the same `lmgate mock`, measured by `lmgate bench` with interleaved rounds. Prints each
+# comparison table, then one summary with a verdict per bar (PASS; EVEN: worse than nginx by less
+# than the A/A noise; MISS); the JSON of every run is kept in $OUT. Needs: a Rust toolchain,
+# taskset, python3 (for the summary), and nginx (installed from Debian's packages with apt-get
+# when missing). Traffic stays on 127.0.0.1.
+#
+#   bash benches/bar.sh                 # about 12 minutes
+#   DUR=2 ROUNDS=5 bash benches/bar.sh  # quicker, noisier
+#
+# Cores: the proxy under test (lmgate or nginx, one worker) runs on core $PROXY_CORE; the bench
+# client and the mock share core $CLIENT_CORE. Both proxies stay up all the time and only one is
+# under load at any moment. lmgate runs with RUST_LOG=warn (no per-request log line) and nginx
+# with access_log off, so neither pays for request logging.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-target/bar}
+DUR=${DUR:-3}
+WARMUP=${WARMUP:-1}
+ROUNDS=${ROUNDS:-5}
+PROXY_CORE=${PROXY_CORE:-0}
+CLIENT_CORE=${CLIENT_CORE:-1}
+MOCK_PORT=${MOCK_PORT:-4010}
+LMGATE_PORT=${LMGATE_PORT:-4100}
+NGINX_PORT=${NGINX_PORT:-4300}
+
+DIRECT=http://127.0.0.1:$MOCK_PORT/v1
+LMGATE=http://127.0.0.1:$LMGATE_PORT/v1
+NGINX=http://127.0.0.1:$NGINX_PORT/v1
+
+if ! command -v nginx >/dev/null; then
+    echo "==> installing nginx (Debian package)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null
+    # The package may start its own instance on port 80; ours runs separately below.
+fi
+echo "==> cargo build --release"
+cargo build --release --quiet
+BIN=$PWD/target/release/lmgate
+
+rm -rf "$OUT" && mkdir -p "$OUT/nginx/logs"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on port $1" >&2
+    exit 1
+}
+
+taskset -c "$CLIENT_CORE" "$BIN" mock --listen "127.0.0.1:$MOCK_PORT" >"$OUT/mock.log" 2>&1 &
+pids+=($!)
+
+cat >"$OUT/lmgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$LMGATE_PORT"
+[connections.up]
+api_type = "openai"
+api_base = "$DIRECT"
+forward_headers = ["x-mock-*"]
+[routing]
+"*" = "up.*"
+EOF
+RUST_LOG=warn taskset -c "$PROXY_CORE" "$BIN" serve --config "$OUT/lmgate.toml" --env "" >"$OUT/lmgate.log" 2>&1 &
+LMGATE_PID=$!
+pids+=($LMGATE_PID)
+
+cat >"$OUT/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid nginx.pid;
+error_log logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path tmp_body;
+    proxy_temp_path tmp_proxy;
+    fastcgi_temp_path tmp_fastcgi;
+    uwsgi_temp_path tmp_uwsgi;
+    scgi_temp_path tmp_scgi;
+    keepalive_requests 1000000;
+    upstream mock {
+        server 127.0.0.1:$MOCK_PORT;
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        client_max_body_size 32m;
+        location / {
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+taskset -c "$PROXY_CORE" nginx -p "$PWD/$OUT/nginx" -c "$PWD/$OUT/nginx/nginx.conf" -e "$PWD/$OUT/nginx/logs/error.log" &
+pids+=($!)
+
+wait_port "$MOCK_PORT"
+wait_port "$LMGATE_PORT"
+wait_port "$NGINX_PORT"
+
+rss() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; } # kB
+
+# bench NAME URL COMPARE_URL ARGS...: one interleaved comparison, table to stdout, JSON kept.
+bench() {
+    local name=$1 url=$2 direct=$3
+    shift 3
+    echo
+    echo "==> $name: $url vs $direct: $*"
+    taskset -c "$CLIENT_CORE" "$BIN" bench --url "$url" --compare "$direct" --rounds "$ROUNDS" \
+        --warmup "$WARMUP" --save "$OUT/$name.json" "$@"
+}
+
+rss "$LMGATE_PID" VmRSS >"$OUT/rss-start.kb"
+# Each shape three times: each proxy against the mock directly (what the hop adds), then lmgate
+# head to head with nginx in interleaved rounds: the verdicts come from that run, because the two
+# proxies are measured within seconds of each other and drift on a shared machine cancels.
+shapes=(
+    "c1|--concurrency 1 --duration $DUR"
+    "rate2000|--rate 2000 --duration $DUR"
+    "stream1000|--kind chat-stream --chunks 1000 --concurrency 1 --duration $DUR"
+)
+for shape in "${shapes[@]}"; do
+    name=${shape%%|*}
+    read -r -a args <<<"${shape#*|}"
+    bench "$name-lmgate" "$LMGATE" "$DIRECT" "${args[@]}"
+    bench "$name-nginx" "$NGINX" "$DIRECT" "${args[@]}"
+    bench "$name-lmgate-vs-nginx" "$LMGATE" "$NGINX" "${args[@]}"
+done
+bench "max-lmgate-vs-nginx" "$LMGATE" "$NGINX" --concurrency 64 --duration "$DUR"
+
+# Embeddings: lmgate head to head with nginx; lmgate's peak RSS over the run against its RSS
+# before (clear_refs 5 resets the peak).
+for format in float base64; do
+    flag=$([ $format = base64 ] && echo --base64 || true)
+    sleep 1
+    rss "$LMGATE_PID" VmRSS >"$OUT/rss-before-$format.kb"
+    echo 5 >"/proc/$LMGATE_PID/clear_refs"
+    bench "embed-$format-lmgate-vs-nginx" "$LMGATE" "$NGINX" --kind embeddings --inputs 2048 --dims 1536 \
+        $flag --concurrency 1 --requests 10
+    rss "$LMGATE_PID" VmHWM >"$OUT/rss-peak-$format.kb"
+done
+
+sleep 3
+rss "$LMGATE_PID" VmRSS >"$OUT/rss-idle.kb"
+
+echo
+echo "==> machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+echo "==> lmgate $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nginx -v 2>&1)"
+python3 - "$OUT" <<'EOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+def load(name): return json.loads((out / f"{name}.json").read_text())
+def kb(name): return int((out / f"{name}.kb").read_text())
+def row(c, measure, pct):
+    return next(a for a in c[measure] if a["percentile"] == pct)
+def errors(c):
+    return sum(s["transport_errors"] + s["missed"] + sum(s["errors_by_status"].values()) for s in c["direct"] + c["gateway"])
+rows = []
+def bar(what, verdict, detail): rows.append((what, verdict, detail))
+def ms(us): return f"{us/1000:+.3f} ms"
+def vs_nginx(name, measure, pct, label):
+    # Added over direct, per proxy, for the record; the verdict is lmgate - nginx, head to head.
+    l = row(load(f"{name}-lmgate"), measure, pct)["added_us"]["median"]
+    n = row(load(f"{name}-nginx"), measure, pct)["added_us"]["median"]
+    h = row(load(f"{name}-lmgate-vs-nginx"), measure, pct)
+    d, noise = h["added_us"]["median"], max(abs(h["noise_us"]["min"]), abs(h["noise_us"]["max"]))
+    verdict = "PASS" if d <= 0 else "EVEN" if d <= noise else "MISS"
+    bar(label, verdict, f"lmgate - nginx {ms(d)} (A/A noise ±{noise/1000:.3f}); added over direct: lmgate {ms(l)}, nginx {ms(n)}")
+vs_nginx("c1", "latency", "p50", "c=1 chat: added p50 <= nginx")
+vs_nginx("c1", "latency", "p99", "c=1 chat: added p99 <= nginx")
+vs_nginx("rate2000", "latency", "p99", "2000 req/s: added p99 <= nginx")
+e = errors(load("rate2000-lmgate")) + errors(load("rate2000-lmgate-vs-nginx"))
+bar("2000 req/s: zero errors through lmgate", "PASS" if e == 0 else "MISS", f"{e} errors or missed sends")
+vs_nginx("stream1000", "ttft", "p50", "1000-chunk stream: added TTFT p50 <= nginx")
+vs_nginx("stream1000", "gap", "p99", "1000-chunk stream: added p99 gap <= nginx")
+r = load("max-lmgate-vs-nginx")["throughput_ratio"]
+bar("max throughput: lmgate >= 0.9x nginx", "PASS" if r["median"] >= 0.9 else "MISS", f"lmgate/nginx {r['median']:.3f} (rounds {r['min']:.3f}..{r['max']:.3f})")
+for fmt in ("float", "base64"):
+    c = load(f"embed-{fmt}-lmgate-vs-nginx")
+    h = row(c, "latency", "p50")
+    d, noise = h["added_us"]["median"], max(abs(h["noise_us"]["min"]), abs(h["noise_us"]["max"]))
+    growth = (kb(f"rss-peak-{fmt}") - kb(f"rss-before-{fmt}")) / 1024
+    mb = c["gateway"][0]["bytes"] / max(c["gateway"][0]["requests"], 1) / 1e6
+    lat = c["gateway"][0]["latency_us"]["p50"] / 1000
+    bar(f"embeddings {fmt} ({mb:.1f} MB): RSS growth < 16 MB", "PASS" if growth < 16 else "MISS", f"{growth:.1f} MB")
+    bar(f"embeddings {fmt}: wall time <= nginx", "PASS" if d <= 0 else "EVEN" if d <= noise else "MISS",
+        f"lmgate - nginx p50 {ms(d)} (lmgate {lat:.1f} ms; A/A noise ±{noise/1000:.3f})")
+idle = kb("rss-idle") / 1024
+bar("idle RSS after load < 20 MB", "PASS" if idle < 20 else "MISS", f"{idle:.1f} MB (at start {kb('rss-start')/1024:.1f} MB)")
+w = max(len(r[0]) for r in rows)
+print()
+for what, verdict, detail in rows:
+    print(f"{what:<{w}}  {verdict}  {detail}")
+EOF
