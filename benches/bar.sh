@@ -31,7 +31,8 @@ LMGATE=http://127.0.0.1:$LMGATE_PORT/v1
 NGINX=http://127.0.0.1:$NGINX_PORT/v1
 
 if ! command -v nginx >/dev/null; then
-    echo "==> installing nginx (Debian package)"
+    echo "==> installing nginx (Debian package; needs root)"
+    apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null
     # The package may start its own instance on port 80; ours runs separately below.
 fi
@@ -154,7 +155,10 @@ sleep 3
 rss "$LMGATE_PID" VmRSS >"$OUT/rss-idle.kb"
 
 echo
-echo "==> machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+echo "==> machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'),"\
+    "$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r),"\
+    "$(systemd-detect-virt 2>/dev/null || echo 'virtualisation unknown')"
+echo "==> cores: proxy under test on core $PROXY_CORE; bench client and mock on core $CLIENT_CORE"
 echo "==> lmgate $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nginx -v 2>&1)"
 python3 - "$OUT" <<'EOF'
 import json, sys, pathlib

@@ -11,8 +11,8 @@
 //!   being hidden (coordinated omission). In-flight requests are capped; a scheduled request that
 //!   finds the cap full is not sent and is counted as missed.
 //!
-//! Per request: latency to the last body byte, status, bytes; for streams the time to first token
-//! (the first SSE event whose JSON has a non-empty `choices[0].delta.content`: comments and
+//! Per request: latency to the last body byte, status, bytes; for streams the time to the first
+//! body byte, the time to first token (the first SSE event whose JSON has a non-empty `choices[0].delta.content`: comments and
 //! role-only chunks do not count) and the gaps between successive content events. Every run is
 //! bounded in count and time; warm-up requests are sent but not recorded.
 
@@ -26,10 +26,13 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// The highest `--rate` accepted, requests per second: far above what one loopback client sends.
+pub const MAX_RATE: f64 = 1_000_000.0;
 
 /// The longest run allowed (measured phase), whatever the options say.
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
@@ -103,7 +106,7 @@ impl Load {
         Load {
             url: url.into(),
             kind,
-            model: "mock".to_string(),
+            model: "mock-1".to_string(),
             key: None,
             headers: Vec::new(),
             inputs: 1,
@@ -237,6 +240,7 @@ pub fn has_content(data: &[u8]) -> bool {
 #[derive(Debug, Default)]
 struct Sample {
     latency: Duration,
+    ttfb: Option<Duration>,
     ttft: Option<Duration>,
     gaps: Vec<Duration>,
     bytes: u64,
@@ -251,6 +255,9 @@ impl Report {
             Some(st) if (200..300).contains(&st) => {
                 self.ok += 1;
                 record(&mut self.latency, s.latency);
+                if let Some(t) = s.ttfb {
+                    record(&mut self.ttfb, t);
+                }
                 if let Some(t) = s.ttft {
                     record(&mut self.ttft, t);
                 }
@@ -282,6 +289,7 @@ async fn measure(client: &HttpClient, t: &Template, start: Instant, timeout: Dur
             s.bytes += data.len() as u64;
             if stream {
                 let now = Instant::now();
+                s.ttfb.get_or_insert(now - start);
                 let mut events = 0usize;
                 if decoder.feed(&data, |e| events += usize::from(has_content(e.data))).is_err() {
                     return;
@@ -309,20 +317,34 @@ async fn measure(client: &HttpClient, t: &Template, start: Instant, timeout: Dur
 #[derive(Default)]
 struct Progress {
     done: AtomicU64,
-    finished: AtomicBool,
 }
 
-async fn draw_progress(p: Arc<Progress>, begin: Instant) {
+/// Redraws a one-line progress bar on stderr until aborted: the share of the run done (by
+/// request count or by measured time, whichever is further along), requests and seconds.
+async fn draw_progress(p: Arc<Progress>, load: Load, measure_start: Instant) {
     use std::io::Write as _;
+    const WIDTH: usize = 30;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    while !p.finished.load(Ordering::Relaxed) {
+    loop {
         tick.tick().await;
         let done = p.done.load(Ordering::Relaxed);
+        let measured = Instant::now().saturating_duration_since(measure_start);
+        let by_count = load.requests.map_or(0.0, |n| done as f64 / n as f64);
+        let by_time = load.duration.map_or(0.0, |d| measured.as_secs_f64() / d.as_secs_f64().max(1e-9));
+        let share = by_count.max(by_time).clamp(0.0, 1.0);
+        let filled = (share * WIDTH as f64) as usize;
+        let phase = if measured.is_zero() { "warm-up" } else { "" };
         let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r{done} requests, {:.1} s   ", begin.elapsed().as_secs_f64());
+        let _ = write!(
+            err,
+            "\r[{}{}] {:3.0}% {done} requests, {:.1} s {phase}  ",
+            "#".repeat(filled),
+            " ".repeat(WIDTH - filled),
+            share * 100.0,
+            measured.as_secs_f64()
+        );
         let _ = err.flush();
     }
-    eprint!("\r{:60}\r", "");
 }
 
 /// Runs `load` against its URL and returns what the measured phase recorded.
@@ -341,7 +363,7 @@ pub async fn run_load(load: &Load) -> Result<Report, String> {
     let template = Arc::new(Template::build(load)?);
     let pool = match load.shape {
         Shape::Closed { concurrency } if concurrency >= 1 => concurrency,
-        Shape::Open { rate, max_in_flight } if rate.is_finite() && rate > 0.0 && max_in_flight >= 1 => max_in_flight,
+        Shape::Open { rate, max_in_flight } if rate > 0.0 && rate <= MAX_RATE && max_in_flight >= 1 => max_in_flight,
         _ => return Err("concurrency, rate and in-flight cap must be positive".into()),
     };
     let client = client(pool);
@@ -349,7 +371,7 @@ pub async fn run_load(load: &Load) -> Result<Report, String> {
     let measure_start = begin + warmup;
     let deadline = measure_start + duration;
     let progress = Arc::new(Progress::default());
-    let drawer = load.progress.then(|| tokio::spawn(draw_progress(progress.clone(), begin)));
+    let drawer = load.progress.then(|| tokio::spawn(draw_progress(progress.clone(), load.clone(), measure_start)));
     let mut report = match load.shape {
         Shape::Closed { concurrency } => {
             closed(&client, &template, concurrency, load, measure_start, deadline, &progress).await
@@ -358,12 +380,13 @@ pub async fn run_load(load: &Load) -> Result<Report, String> {
             open(&client, &template, rate, max_in_flight, load, measure_start, deadline, &progress).await
         }
     };
-    progress.finished.store(true, Ordering::Relaxed);
+    // Stamped before the progress line is cleared, so drawing never adds to the measured time.
+    report.elapsed = Instant::now().saturating_duration_since(measure_start);
     if let Some(d) = drawer {
-        let _ = d.await;
+        d.abort();
+        eprint!("\r{:80}\r", "");
     }
     report.target = load.url.clone();
-    report.elapsed = Instant::now().saturating_duration_since(measure_start);
     Ok(report)
 }
 
@@ -396,7 +419,10 @@ async fn closed(
                 if limit.is_some_and(|n| claimed.fetch_add(1, Ordering::Relaxed) >= n) {
                     break;
                 }
-                let s = measure(&client, &t, now, timeout.min(deadline - now).max(Duration::from_millis(1))).await;
+                // A request started before the deadline runs to its end (bounded by the timeout):
+                // cutting it at the deadline would drop the slowest requests from the histogram
+                // and count them as errors.
+                let s = measure(&client, &t, now, timeout).await;
                 report.add(&s);
                 progress.done.fetch_add(1, Ordering::Relaxed);
             }
@@ -423,16 +449,15 @@ async fn open(
     deadline: Instant,
     progress: &Arc<Progress>,
 ) -> Report {
-    let interval = Duration::from_secs_f64((1.0 / rate).max(1e-9));
     let shared = Arc::new(Mutex::new(Report::new("")));
     let permits = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
     let mut tasks = tokio::task::JoinSet::new();
     let begin = Instant::now();
     let mut measured: u64 = 0;
     for i in 0u64.. {
-        let Some(intended) = interval.checked_mul(u32::try_from(i).unwrap_or(u32::MAX)).map(|d| begin + d) else {
-            break;
-        };
+        // The i-th send is due at i / rate: computed from i, not accumulated, so rounding never
+        // drifts the schedule. `--rate` is capped (see `MAX_RATE`) so this stays finite.
+        let intended = begin + Duration::from_secs_f64(i as f64 / rate);
         let warm = intended < measure_start;
         if !warm && (intended >= deadline || load.requests.is_some_and(|n| measured >= n)) {
             break;

@@ -13,7 +13,7 @@
 pub mod load;
 pub mod report;
 
-pub use load::{run_load, Kind, Load, Shape, MAX_DURATION};
+pub use load::{run_load, Kind, Load, Shape, MAX_DURATION, MAX_RATE};
 pub use report::{compare, Comparison, Report, Summary};
 
 use std::io::IsTerminal;
@@ -30,8 +30,8 @@ pub struct Args {
     /// Request kind.
     #[arg(long, value_enum, default_value_t = Kind::Chat)]
     pub kind: Kind,
-    /// The `model` field.
-    #[arg(long, default_value = "mock")]
+    /// The `model` field (the default matches the shipped config's `mock-*` route).
+    #[arg(long, default_value = "mock-1")]
     pub model: String,
     /// API key, sent as `Authorization: Bearer KEY`.
     #[arg(long)]
@@ -54,8 +54,9 @@ pub struct Args {
     /// Stop after this many measured seconds (at most 3600).
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Unmeasured warm-up, seconds.
-    #[arg(long, default_value_t = 0.0)]
+    /// Unmeasured warm-up, seconds, before each run (each --compare round included): opens the
+    /// connections so the measured phase does not time cold connects.
+    #[arg(long, default_value_t = 0.2)]
     pub warmup: f64,
     /// Per-request timeout, seconds.
     #[arg(long, default_value_t = 60.0)]
@@ -84,7 +85,8 @@ pub struct Args {
     /// Rounds per arm for --compare (at least 5).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Write an SVG of the latency percentile curves (one per target) to this file.
+    /// Write the latency percentile curves (one per target) to this file: an SVG, or an HTML page
+    /// holding it when the name ends in `.html`.
     #[arg(long)]
     pub chart: Option<PathBuf>,
 }
@@ -101,8 +103,8 @@ impl Args {
     /// The load these options describe, against `url`.
     pub fn load(&self, url: &str) -> Result<Load, String> {
         let shape = match self.rate {
-            Some(rate) if rate.is_finite() && rate > 0.0 => Shape::Open { rate, max_in_flight: self.max_in_flight },
-            Some(_) => return Err("--rate must be a positive number".into()),
+            Some(rate) if rate > 0.0 && rate <= MAX_RATE => Shape::Open { rate, max_in_flight: self.max_in_flight },
+            Some(_) => return Err(format!("--rate must be a positive number of at most {MAX_RATE}")),
             None => Shape::Closed { concurrency: self.concurrency },
         };
         Ok(Load {
@@ -171,18 +173,25 @@ pub async fn execute(args: &Args) -> Result<Outcome, String> {
         if direct.progress {
             eprintln!("\rround {round}/{}", args.rounds);
         }
-        let r = run_load(&direct).await?;
-        d_all.merge(&r);
-        d.push(r.summary());
-        let r = run_load(&gateway).await?;
-        g_all.merge(&r);
-        g.push(r.summary());
+        // The arms take turns going first, so a bias of the first (or second) slot in a round
+        // lands on both alike.
+        let (rd, rg) = if round % 2 == 1 {
+            let rd = run_load(&direct).await?;
+            (rd, run_load(&gateway).await?)
+        } else {
+            let rg = run_load(&gateway).await?;
+            (run_load(&direct).await?, rg)
+        };
+        d_all.merge(&rd);
+        d.push(rd.summary());
+        g_all.merge(&rg);
+        g.push(rg.summary());
     }
     Ok(Outcome::Compare { comparison: compare(d, g), direct: Box::new(d_all), gateway: Box::new(g_all) })
 }
 
 /// The `lmgate bench` entry point: runs, prints the table or JSON to stdout, and exits non-zero
-/// on bad options (or when every request failed).
+/// on bad options, or when a run (or a --compare round) had no successful request.
 pub fn run(args: Args) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -199,19 +208,22 @@ pub fn run(args: Args) -> ExitCode {
         }
     };
     if let Some(path) = &args.chart {
-        if let Err(e) = std::fs::write(path, outcome.chart()) {
+        let svg = outcome.chart();
+        let html = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"));
+        let page = if html { report::html_page("lmgate bench: latency by percentile", &svg) } else { svg };
+        if let Err(e) = std::fs::write(path, page) {
             eprintln!("error: {}: {e}", path.display());
             return ExitCode::FAILURE;
         }
     }
+    // A run with no success, or a comparison with a round of either arm without one, has no
+    // latency to speak of: the figures are printed, but the exit status says they mean nothing.
     let (json, table, all_failed) = match &outcome {
         Outcome::Single(r) => {
             let s = r.summary();
             (serde_json::to_string_pretty(&s), s.table(), s.ok == 0)
         }
-        Outcome::Compare { comparison: c, .. } => {
-            (serde_json::to_string_pretty(c), c.table(), c.gateway.iter().chain(&c.direct).all(|s| s.ok == 0))
-        }
+        Outcome::Compare { comparison: c, .. } => (serde_json::to_string_pretty(c), c.table(), c.empty_rounds() > 0),
     };
     let json = json.map_err(|e| e.to_string());
     if let (Some(path), Ok(json)) = (&args.save, &json) {
@@ -229,7 +241,7 @@ pub fn run(args: Args) -> ExitCode {
         }
     }
     if all_failed {
-        eprintln!("error: no request succeeded");
+        eprintln!("error: no request succeeded (in a run, or in a round of --compare)");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

@@ -36,6 +36,8 @@ pub struct Report {
     pub target: String,
     /// Whole-request latency (to the last body byte), µs. Open loop: from the intended send time.
     pub latency: Histogram<u64>,
+    /// Streams: time to the first response body byte, µs.
+    pub ttfb: Histogram<u64>,
     /// Time to first token (first event with non-empty `choices[0].delta.content`), µs.
     pub ttft: Histogram<u64>,
     /// Gaps between successive content events, µs.
@@ -60,6 +62,7 @@ impl Report {
         Report {
             target: target.into(),
             latency: histogram(),
+            ttfb: histogram(),
             ttft: histogram(),
             gap: histogram(),
             ok: 0,
@@ -75,6 +78,7 @@ impl Report {
     pub fn merge(&mut self, other: &Report) {
         // Both histograms come from `histogram()` with the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
+        let _ = self.ttfb.add(&other.ttfb);
         let _ = self.ttft.add(&other.ttft);
         let _ = self.gap.add(&other.gap);
         self.ok += other.ok;
@@ -109,10 +113,11 @@ impl Report {
             transport_errors: self.transport_errors,
             missed: self.missed,
             elapsed_s: secs,
-            requests_per_s: per_sec(self.requests() as f64),
+            ok_per_s: per_sec(self.ok as f64),
             mb_per_s: per_sec(self.bytes as f64) / 1_000_000.0,
             bytes: self.bytes,
             latency_us: Percentiles::of(&self.latency),
+            ttfb_us: (!self.ttfb.is_empty()).then(|| Percentiles::of(&self.ttfb)),
             ttft_us: (!self.ttft.is_empty()).then(|| Percentiles::of(&self.ttft)),
             gap_us: (!self.gap.is_empty()).then(|| Percentiles::of(&self.gap)),
         }
@@ -176,14 +181,16 @@ pub struct Summary {
     pub missed: u64,
     /// Measured wall time, seconds.
     pub elapsed_s: f64,
-    /// Requests per second.
-    pub requests_per_s: f64,
+    /// Successful (2xx, whole body) requests per second: failures never count as throughput.
+    pub ok_per_s: f64,
     /// Response megabytes (10^6) per second.
     pub mb_per_s: f64,
     /// Response bytes received.
     pub bytes: u64,
     /// Whole-request latency.
     pub latency_us: Percentiles,
+    /// Time to first byte (streams only).
+    pub ttfb_us: Option<Percentiles>,
     /// Time to first token (streams only).
     pub ttft_us: Option<Percentiles>,
     /// Gaps between content events (streams only).
@@ -209,8 +216,8 @@ impl Summary {
         let _ = writeln!(out, "target       {}", self.target);
         let _ = writeln!(
             out,
-            "requests     {} ({} ok) in {:.2} s: {:.1} req/s, {:.2} MB/s",
-            self.requests, self.ok, self.elapsed_s, self.requests_per_s, self.mb_per_s
+            "requests     {} ({} ok) in {:.2} s: {:.1} ok req/s, {:.2} MB/s",
+            self.requests, self.ok, self.elapsed_s, self.ok_per_s, self.mb_per_s
         );
         let _ = write!(out, "errors       {}", self.transport_errors + self.errors_by_status.values().sum::<u64>());
         if !self.errors_by_status.is_empty() {
@@ -229,6 +236,9 @@ impl Summary {
             let _ = writeln!(out, "{name:<12}{}", p.values().map(|v| format!("{:>12}", ms(v))).concat());
         };
         row("latency", &self.latency_us);
+        if let Some(p) = &self.ttfb_us {
+            row("ttfb", p);
+        }
         if let Some(p) = &self.ttft_us {
             row("ttft", p);
         }
@@ -284,6 +294,8 @@ pub struct Comparison {
     pub rounds: usize,
     /// Added whole-request latency per percentile (p50, p90, p99, p99.9, max).
     pub latency: Vec<Added>,
+    /// Added time to first byte per percentile (streams only, else empty).
+    pub ttfb: Vec<Added>,
     /// Added time to first token per percentile (streams only, else empty).
     pub ttft: Vec<Added>,
     /// Added gap between content events per percentile (streams only, else empty).
@@ -322,13 +334,12 @@ fn added(direct: &[Summary], gateway: &[Summary], of: fn(&Summary) -> Option<&Pe
 /// direct rounds, so it is `None` with fewer than two rounds.
 pub fn compare(direct: Vec<Summary>, gateway: Vec<Summary>) -> Comparison {
     let rounds = direct.len().min(gateway.len());
-    let ratios: Vec<f64> = (0..rounds)
-        .filter(|&i| direct[i].requests_per_s > 0.0)
-        .map(|i| gateway[i].requests_per_s / direct[i].requests_per_s)
-        .collect();
+    let ratios: Vec<f64> =
+        (0..rounds).filter(|&i| direct[i].ok_per_s > 0.0).map(|i| gateway[i].ok_per_s / direct[i].ok_per_s).collect();
     Comparison {
         rounds,
         latency: added(&direct, &gateway, |s| Some(&s.latency_us)),
+        ttfb: added(&direct, &gateway, |s| s.ttfb_us.as_ref()),
         ttft: added(&direct, &gateway, |s| s.ttft_us.as_ref()),
         gap: added(&direct, &gateway, |s| s.gap_us.as_ref()),
         throughput_ratio: Spread::of(&ratios),
@@ -338,6 +349,11 @@ pub fn compare(direct: Vec<Summary>, gateway: Vec<Summary>) -> Comparison {
 }
 
 impl Comparison {
+    /// Rounds, of either arm, in which no request succeeded.
+    pub fn empty_rounds(&self) -> usize {
+        self.direct.iter().chain(&self.gateway).filter(|s| s.ok == 0).count()
+    }
+
     /// The human-readable comparison table (milliseconds).
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -346,7 +362,26 @@ impl Comparison {
             let _ = writeln!(out, "direct       {}", d.target);
             let _ = writeln!(out, "gateway      {}", g.target);
         }
-        for (name, rows) in [("latency", &self.latency), ("ttft", &self.ttft), ("chunk gap", &self.gap)] {
+        // Latency is recorded for successes only, so failures must be seen beside it: a gateway
+        // answering fast 404s would otherwise look faster than direct.
+        let _ = write!(out, "outcomes    ");
+        for (arm, rounds) in [("direct", &self.direct), ("gateway", &self.gateway)] {
+            let ok: u64 = rounds.iter().map(|s| s.ok).sum();
+            let failed: u64 = rounds.iter().map(|s| s.requests - s.ok + s.missed).sum();
+            let _ = write!(out, " {arm} {ok} ok, {failed} failed or missed;");
+        }
+        out.pop();
+        out.push('\n');
+        if self.empty_rounds() > 0 {
+            let _ = writeln!(
+                out,
+                "warning      {} round(s) without one success: the figures below mean nothing",
+                self.empty_rounds()
+            );
+        }
+        let measures =
+            [("latency", &self.latency), ("ttfb", &self.ttfb), ("ttft", &self.ttft), ("chunk gap", &self.gap)];
+        for (name, rows) in measures {
             if rows.is_empty() {
                 continue;
             }
@@ -389,6 +424,15 @@ pub fn curve(h: &Histogram<u64>) -> Vec<(f64, u64)> {
         .collect();
     points.push((top, h.max()));
     points
+}
+
+/// A minimal HTML page showing `svg` under `title`, for `--chart FILE.html`.
+pub fn html_page(title: &str, svg: &str) -> String {
+    let title = xml_escape(title);
+    format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n\
+         <body style=\"font-family: sans-serif\"><h1>{title}</h1>\n{svg}</body></html>\n"
+    )
 }
 
 fn xml_escape(s: &str) -> String {
@@ -508,7 +552,7 @@ mod tests {
         assert_eq!(v["requests"], 5);
         assert_eq!(v["ok"], 3);
         assert_eq!(v["errors_by_status"]["503"], 2);
-        assert_eq!(v["requests_per_s"], 2.5);
+        assert_eq!(v["ok_per_s"], 1.5, "failures never count as throughput");
         assert_eq!(v["mb_per_s"], 2.0);
         assert_eq!(v["latency_us"]["p50"], 200);
         assert_eq!(v["latency_us"]["max"], 300);
@@ -611,6 +655,13 @@ mod tests {
         assert_eq!(c.last(), Some(&(3.0, 1000)));
         assert!(c.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1), "{c:?}");
         assert!(curve(&histogram()).is_empty());
+    }
+
+    #[test]
+    fn html_chart_page_holds_the_svg_and_escapes_the_title() {
+        let page = html_page("a < b", "<svg></svg>");
+        assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+        assert!(page.contains("<title>a &lt; b</title>") && page.contains("<svg></svg>"), "{page}");
     }
 
     #[test]
