@@ -7,7 +7,8 @@ use lmgate::json;
 
 fn chat_body() -> Vec<u8> {
     let mut messages = String::new();
-    for i in 0..6 {
+    // Eight messages: a body of about 1 KB.
+    for i in 0..8 {
         messages.push_str(&format!(
             "{{\"role\":\"user\",\"content\":\"message {i}: explain the \\\"borrow checker\\\" briefly, with an example of a lifetime error.\"}},"
         ));
