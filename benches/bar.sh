@@ -30,79 +30,19 @@ DIRECT=http://127.0.0.1:$MOCK_PORT/v1
 LMGATE=http://127.0.0.1:$LMGATE_PORT/v1
 NGINX=http://127.0.0.1:$NGINX_PORT/v1
 
-if ! command -v nginx >/dev/null; then
-    echo "==> installing nginx (Debian package; needs root)"
-    apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null
-    # The package may start its own instance on port 80; ours runs separately below.
-fi
-echo "==> cargo build --release"
-cargo build --release --quiet
-BIN=$PWD/target/release/lmgate
-
-rm -rf "$OUT" && mkdir -p "$OUT/nginx/logs"
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-wait_port() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on port $1" >&2
-    exit 1
-}
+# shellcheck source=benches/yardstick.sh
+source benches/yardstick.sh
+install_missing nginx
 
 taskset -c "$CLIENT_CORE" "$BIN" mock --listen "127.0.0.1:$MOCK_PORT" >"$OUT/mock.log" 2>&1 &
 pids+=($!)
 
-cat >"$OUT/lmgate.toml" <<EOF
-[server]
-listen = "127.0.0.1:$LMGATE_PORT"
-[connections.up]
-api_type = "openai"
-api_base = "$DIRECT"
-forward_headers = ["x-mock-*"]
-[routing]
-"*" = "up.*"
-EOF
 RUST_LOG=warn taskset -c "$PROXY_CORE" "$BIN" serve --config "$OUT/lmgate.toml" --env "" >"$OUT/lmgate.log" 2>&1 &
 LMGATE_PID=$!
 pids+=($LMGATE_PID)
 
-cat >"$OUT/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid nginx.pid;
-error_log logs/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path tmp_body;
-    proxy_temp_path tmp_proxy;
-    fastcgi_temp_path tmp_fastcgi;
-    uwsgi_temp_path tmp_uwsgi;
-    scgi_temp_path tmp_scgi;
-    keepalive_requests 1000000;
-    upstream mock {
-        server 127.0.0.1:$MOCK_PORT;
-        keepalive 256;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$NGINX_PORT backlog=4096;
-        client_max_body_size 32m;
-        location / {
-            proxy_pass http://mock;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }
-    }
-}
-EOF
-taskset -c "$PROXY_CORE" nginx -p "$PWD/$OUT/nginx" -c "$PWD/$OUT/nginx/nginx.conf" -e "$PWD/$OUT/nginx/logs/error.log" &
+nginx_conf ""
+taskset -c "$PROXY_CORE" nginx "${NGINX_ARGS[@]}" &
 pids+=($!)
 
 wait_port "$MOCK_PORT"
