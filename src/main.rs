@@ -24,9 +24,10 @@ enum Command {
         /// Configuration file.
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
-        /// `.env` file with variables for `env:` references ("" to load none).
-        #[arg(long, default_value = ".env")]
-        env: String,
+        /// `.env` file with variables for `env:` references; it must exist when given ("" loads
+        /// none). Default: `.env` in the working directory, skipped when absent.
+        #[arg(long)]
+        env: Option<String>,
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
         log_format: LogFormat,
@@ -36,9 +37,10 @@ enum Command {
         /// Configuration file.
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
-        /// `.env` file with variables for `env:` references ("" to load none).
-        #[arg(long, default_value = ".env")]
-        env: String,
+        /// `.env` file with variables for `env:` references; it must exist when given ("" loads
+        /// none). Default: `.env` in the working directory, skipped when absent.
+        #[arg(long)]
+        env: Option<String>,
     },
     /// Run the built-in mock as a standalone OpenAI-compatible upstream.
     Mock {
@@ -62,7 +64,9 @@ enum LogFormat {
 fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: escape codes in a log file or a collector are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
@@ -70,26 +74,53 @@ fn init_logging(format: LogFormat, default: &str) {
 }
 
 /// The process environment, then the `.env` file (which never overrides the environment).
-fn env_lookup(env_file: &str) -> Result<impl Fn(&str) -> Option<String>, String> {
+///
+/// `env_file` is `--env`: `None` reads `./.env` when it exists; a path given explicitly must exist
+/// (a typo there would otherwise start the gateway with connections silently disabled); `""`
+/// reads no file.
+fn env_lookup(env_file: Option<&str>) -> Result<impl Fn(&str) -> Option<String>, String> {
     let mut dotenv = HashMap::new();
-    if !env_file.is_empty() {
-        let path = Path::new(env_file);
-        match dotenvy::from_path_iter(path) {
+    let (path, optional) = match env_file {
+        None => (".env", true),
+        Some(path) => (path, false),
+    };
+    if !path.is_empty() {
+        match dotenvy::from_path_iter(Path::new(path)) {
             Ok(iter) => {
                 for item in iter {
-                    let (k, v) = item.map_err(|e| format!("{env_file}: {e}"))?;
+                    let (k, v) = item.map_err(|e| env_file_error(path, &e))?;
                     dotenv.insert(k, v);
                 }
             }
-            // The default `.env` is optional; one named explicitly must exist.
-            Err(e) if e.not_found() && env_file == ".env" => {}
-            Err(e) => return Err(format!("{env_file}: {e}")),
+            Err(e) if e.not_found() && optional => {}
+            Err(e) => return Err(format!("{path}: {e}")),
         }
     }
     Ok(move |k: &str| std::env::var(k).ok().or_else(|| dotenv.get(k).cloned()))
 }
 
-fn load(config: &Path, env_file: &str) -> Result<Config, String> {
+/// A `.env` error that never quotes the file: dotenvy's parse error repeats the offending line,
+/// which is usually `NAME=secret`. Only the variable name is kept.
+fn env_file_error(path: &str, e: &dotenvy::Error) -> String {
+    match e {
+        dotenvy::Error::LineParse(line, _) => {
+            let line = line.trim_start();
+            let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+            let name = line.split('=').next().unwrap_or("").trim();
+            if !name.is_empty()
+                && name.len() < line.len()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                format!("{path}: cannot parse the entry for `{name}` (its value is not shown)")
+            } else {
+                format!("{path}: cannot parse a line (its text is not shown: it may hold a secret)")
+            }
+        }
+        other => format!("{path}: {other}"),
+    }
+}
+
+fn load(config: &Path, env_file: Option<&str>) -> Result<Config, String> {
     let text = std::fs::read_to_string(config).map_err(|e| format!("{}: {e}", config.display()))?;
     let env = env_lookup(env_file)?;
     Config::parse(&text, &env).map_err(|e| format!("{}: {e}", config.display()))
@@ -100,7 +131,7 @@ fn main() -> ExitCode {
     let (config, log_format, quiet) = match cli.command {
         Command::Bench(args) => return lmgate::bench::run(*args),
         Command::Check { config, env } => {
-            return match load(&config, &env) {
+            return match load(&config, env.as_deref()) {
                 Ok(cfg) => {
                     print!("{}", cfg.summary());
                     println!("{}: OK", config.display());
@@ -112,7 +143,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Serve { config, env, log_format } => (load(&config, &env), log_format, false),
+        Command::Serve { config, env, log_format } => (load(&config, env.as_deref()), log_format, false),
         Command::Mock { listen, log_format } => {
             let text = format!(
                 "[server]\nlisten = \"{listen}\"\nshutdown_grace_secs = 1\n\
