@@ -24,6 +24,7 @@ use crate::{auth, router::Pattern};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -225,15 +226,18 @@ impl Proxy {
     }
 
     /// `GET /v1/models` and `/v1/models/{id}`: built from routing, filtered by the caller's group.
+    /// Routes to a disabled connection (its key variable is missing) are left out: the caller
+    /// cannot use them, and a client that picks a model from this list should get one that works.
     fn models(&self, headers: &HeaderMap, id: Option<&str>) -> Result<Response<Body>, Error> {
         let cfg = &*self.config;
         let group = &cfg.groups[auth::check(&cfg.keys, cfg.open_group, headers).ok_or_else(Error::unauthorized)?];
+        let usable = |connection: usize| cfg.connections[connection].disabled.is_none();
         let visible = |p: &Pattern, connection: usize| {
             let models_ok = group
                 .models
                 .as_ref()
                 .is_none_or(|m| m.iter().any(|g| g.matches(p.as_str()) || g.as_str() == p.as_str()));
-            group.connections[connection] && models_ok
+            group.connections[connection] && models_ok && usable(connection)
         };
         let object = |out: &mut Vec<u8>, name: &str, connection: usize| {
             out.extend_from_slice(b"{\"id\":");
@@ -243,12 +247,14 @@ impl Proxy {
             out.push(b'}');
         };
         let mut out = Vec::with_capacity(256);
-        if let Some(id) = id {
-            let (_, target) = cfg.router.route(id).ok_or_else(|| Error::model_not_found(id))?;
-            if !group.allows(target.connection, id) {
-                return Err(Error::model_not_found(id));
+        if let Some(raw) = id {
+            // SDKs percent-encode the id as one path segment: `org/model` arrives as `org%2Fmodel`.
+            let id = percent_decode(raw).ok_or_else(|| Error::model_not_found(raw))?;
+            let (_, target) = cfg.router.route(&id).ok_or_else(|| Error::model_not_found(&id))?;
+            if !group.allows(target.connection, &id) || !usable(target.connection) {
+                return Err(Error::model_not_found(&id));
             }
-            object(&mut out, id, target.connection);
+            object(&mut out, &id, target.connection);
             return Ok(json_response(StatusCode::OK, Bytes::from(out)));
         }
         out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
@@ -266,6 +272,30 @@ impl Proxy {
         out.extend_from_slice(b"]}");
         Ok(json_response(StatusCode::OK, Bytes::from(out)))
     }
+}
+
+/// Decodes `%XX` escapes of a path segment; `None` when an escape is malformed or the result is
+/// not UTF-8. Borrows when there is nothing to decode (the usual case).
+fn percent_decode(segment: &str) -> Option<Cow<'_, str>> {
+    if !segment.contains('%') {
+        return Some(Cow::Borrowed(segment));
+    }
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hi = hex(*bytes.get(i + 1)?)?;
+            let lo = hex(*bytes.get(i + 2)?)?;
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
@@ -295,5 +325,16 @@ mod tests {
         assert_eq!(endpoint(&Method::POST, "/v2/x").err().unwrap().status, 404);
         assert!(matches!(endpoint(&Method::GET, "/v1/models/"), Ok(Endpoint::Models)));
         assert_eq!(endpoint(&Method::GET, "/v1/modelsx").err().unwrap().status, 404);
+    }
+
+    #[test]
+    fn model_ids_are_percent_decoded_and_bad_escapes_refused() {
+        assert_eq!(percent_decode("gpt-4o").as_deref(), Some("gpt-4o"));
+        assert_eq!(percent_decode("org%2Fmodel").as_deref(), Some("org/model"));
+        assert_eq!(percent_decode("a%2fb%20c").as_deref(), Some("a/b c"));
+        assert_eq!(percent_decode("caf%C3%A9").as_deref(), Some("café"));
+        for bad in ["%", "a%2", "%zz", "%C3"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+        }
     }
 }

@@ -212,3 +212,35 @@ async fn a_connection_whose_key_variable_is_missing_answers_503_naming_the_varia
     assert_eq!(e["code"], "connection_unavailable");
     assert!(e["message"].as_str().is_some_and(|m| m.contains("LMGATE_IT_UNSET_KEY")), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_hide_routes_to_disabled_connections_and_decode_escaped_ids() {
+    // `off` has no key (its variable is unset): it is disabled and never dialled.
+    let gw = Gateway::start(
+        "[connections.mk]\napi_type = \"mock\"\n\n\
+         [connections.off]\napi_type = \"openai\"\napi_base = \"http://127.0.0.1:9/v1\"\napi_key = \"env:LMGATE_IT_UNSET_KEY\"\n\n\
+         [routing]\n\"org/model\" = \"mk.real\"\n\"off-exact\" = \"off.x\"\n\"off-*\" = \"off.*\"\n\"mock-*\" = \"mk.*\"\n",
+    );
+    let resp = exchange(gw.addr, &get("/v1/models", &[])).await;
+    assert_eq!(resp.status(), 200);
+    let ids: Vec<String> = resp.json()["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids, ["org/model", "mock-*"]);
+
+    for path in ["/v1/models/org%2Fmodel", "/v1/models/org%2fmodel", "/v1/models/org/model"] {
+        let resp = exchange(gw.addr, &get(path, &[])).await;
+        assert_eq!(resp.status(), 200, "{path}: {}", resp.text());
+        assert_eq!((resp.json()["id"].as_str(), resp.json()["owned_by"].as_str()), (Some("org/model"), Some("mk")));
+    }
+    for path in ["/v1/models/off-exact", "/v1/models/off-1", "/v1/models/org%2", "/v1/models/org%zzmodel"] {
+        let e = exchange(gw.addr, &get(path, &[])).await.openai_error(404);
+        assert_eq!(e["code"], "model_not_found", "{path}");
+    }
+    // Hidden from the list, but a request still learns why the model cannot be served.
+    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"off-1"}"#)).await;
+    assert_eq!(resp.openai_error(503)["code"], "connection_unavailable");
+}
