@@ -77,7 +77,7 @@ def lmgate_bin() -> str:
 class LmgateProcess:
     """One `lmgate` subprocess, started and waited on until it announces its address."""
 
-    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
+    def __init__(self, name: str, args: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log_path = workdir / f"{name}.stderr.log"
         self._log = open(self.log_path, "wb")
@@ -89,6 +89,7 @@ class LmgateProcess:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env=env,  # None: this process's environment
         )
         try:
             self.addr = self._await_listening_line()
@@ -152,8 +153,8 @@ class LmgateProcess:
         self._log.close()
 
 
-def start_process(name: str, args: list[str], workdir: Path):
-    process = LmgateProcess(name, args, workdir)
+def start_process(name: str, args: list[str], workdir: Path, env: dict[str, str] | None = None):
+    process = LmgateProcess(name, args, workdir, env)
     _running.append(process)
     try:
         yield process
