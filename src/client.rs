@@ -10,7 +10,7 @@ use crate::body::Body;
 use crate::config::{ConfigError, Connection};
 use crate::error::Error;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{capture_connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
@@ -68,14 +68,45 @@ pub fn build(conn: &Connection) -> Result<HttpClient, ConfigError> {
         .build(https))
 }
 
-/// Sends `req` to `conn`'s upstream and waits for the response head within the connection's
-/// header timeout. Failures name the connection, never a key.
+/// Sends `req` to `conn`'s upstream and waits for the response head.
+///
+/// Two bounds: `connect_timeout` until a connection is ready to carry the request (TCP connect,
+/// TLS handshake and, for h2, the HTTP/2 handshake: an upstream that accepts TCP and then stalls
+/// the handshake is as unreachable as one that drops SYNs, so it is a 502 too), and
+/// `header_timeout` from the start until the response head arrives (504). The connector's own
+/// timeout only covers TCP connect, so the connect phase is watched from here: hyper-util reports
+/// the moment a pooled or new connection is handed to the request. Failures name the connection,
+/// never a key.
 pub async fn send(
     client: &HttpClient,
     conn: &Connection,
-    req: http::Request<Body>,
+    mut req: http::Request<Body>,
 ) -> Result<http::Response<hyper::body::Incoming>, Error> {
-    match tokio::time::timeout(conn.timeouts.header, client.request(req)).await {
+    let header_deadline = tokio::time::Instant::now() + conn.timeouts.header;
+    let mut connected = capture_connection(&mut req);
+    let response = tokio::time::timeout_at(header_deadline, client.request(req));
+    tokio::pin!(response);
+    let connect = tokio::time::timeout(conn.timeouts.connect, async {
+        // Resolves with `None` when the request failed before connecting; the response future
+        // then has the error, so only the timer firing counts here.
+        if connected.wait_for_connection_metadata().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    });
+    let result = tokio::select! {
+        biased;
+        r = &mut response => r,
+        c = connect => match c {
+            Ok(()) => response.await,
+            Err(_) => {
+                return Err(Error::bad_gateway(format!(
+                    "Could not connect to connection `{}` within {:?} (TCP and TLS).",
+                    conn.name, conn.timeouts.connect
+                )))
+            }
+        },
+    };
+    match result {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) if e.is_connect() => {
             Err(Error::bad_gateway(format!("Could not connect to connection `{}`.", conn.name)))

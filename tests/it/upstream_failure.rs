@@ -186,3 +186,31 @@ async fn a_client_that_disconnects_while_waiting_for_the_head_closes_the_upstrea
     drop(client);
     assert_eq!(up.closed().await, req.conn);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_that_accepts_tcp_but_never_answers_the_tls_handshake_is_a_502_after_the_connect_timeout() {
+    // Accepts connections and holds them open without a byte: TCP connect succeeds, the TLS
+    // ClientHello is never answered.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+            let _ = accepted_tx.send(());
+        }
+    });
+    // The header timeout would answer 504; the connect timeout, shorter, must answer first.
+    let gw = Gateway::start(&format!(
+        "[connections.up]\napi_type = \"openai\"\napi_base = \"https://{addr}/v1\"\napi_key = \"sk-up\"\n\
+         connect_timeout_secs = 1\nheader_timeout_secs = 4\n\n[routing]\n\"m*\" = \"up.*\"\n"
+    ));
+    let resp = exchange(gw.addr, &chat(r#"{"model":"m-1"}"#)).await;
+    let e = resp.openai_error(502);
+    assert_eq!(e["code"], "upstream_error");
+    let message = e["message"].as_str().unwrap_or_default();
+    assert!(message.contains("`up`") && message.contains("connect"), "{message}");
+    assert!(accepted.try_recv().is_ok(), "the TCP connection was accepted, so the TLS handshake is what stalled");
+    silent.abort();
+}
