@@ -3,7 +3,9 @@
 //! Deterministic, OpenAI-shaped answers for chat (stream and non-stream, with usage), legacy
 //! completions and embeddings, so the gateway runs with no API keys and benchmarks have an
 //! upstream that is never the bottleneck: chat pieces are fixed strings, and embedding vectors
-//! are rendered once per (input, dimensions, format) and then served from a bounded cache.
+//! are rendered once per (input, dimensions, format) and then served from a cache bounded in
+//! bytes. Requests are bounded like OpenAI's own (at most 2048 embedding inputs, at most 3072
+//! `dimensions`), so one request cannot make the mock render gigabytes.
 //!
 //! Knobs, as request headers: `x-mock-chunks` (content pieces, default 16), `x-mock-delay-us`
 //! (pause between stream chunks, default 0), `x-mock-status` (answer with that status and an
@@ -45,14 +47,32 @@ const PIECES: [&str; 16] = [
 const DEFAULT_CHUNKS: usize = 16;
 const MAX_CHUNKS: usize = 100_000;
 const DEFAULT_DIMENSIONS: usize = 1536;
-const MAX_DIMENSIONS: usize = 65_536;
-const MAX_CACHED_VECTORS: usize = 8192;
+/// OpenAI's largest (text-embedding-3-large). A float vector renders to about 13 bytes per
+/// dimension, so the largest response is about 2048 x 3072 x 13 bytes = 80 MiB.
+const MAX_DIMENSIONS: usize = 3072;
+/// OpenAI's limit on inputs per embeddings request.
+const MAX_INPUTS: usize = 2048;
+/// Rendered vectors kept, in bytes; the cache is emptied when the next one would not fit.
+const VECTOR_CACHE_BYTES: usize = 64 << 20;
 
 /// The mock's state: a counter for ids and the rendered-vector cache.
-#[derive(Default)]
 pub struct Mock {
     next_id: AtomicU64,
-    vectors: Mutex<HashMap<(u64, usize, bool), Bytes>>,
+    vectors: Mutex<VectorCache>,
+    cache_budget: usize,
+}
+
+impl Default for Mock {
+    fn default() -> Self {
+        Mock { next_id: AtomicU64::new(0), vectors: Mutex::default(), cache_budget: VECTOR_CACHE_BYTES }
+    }
+}
+
+/// Rendered vectors by (seed, dimensions, base64), and their total size.
+#[derive(Default)]
+struct VectorCache {
+    map: HashMap<(u64, usize, bool), Bytes>,
+    bytes: usize,
 }
 
 /// A mock answer and the usage it reports.
@@ -156,7 +176,7 @@ impl Mock {
     /// A unit vector derived from `seed`, rendered as a JSON array or a base64 string token.
     fn vector(&self, seed: u64, dims: usize, base64: bool) -> Bytes {
         let key = (seed, dims, base64);
-        if let Some(v) = self.vectors.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        if let Some(v) = self.vectors.lock().ok().and_then(|c| c.map.get(&key).cloned()) {
             return v;
         }
         let mut state = seed ^ (dims as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -194,22 +214,37 @@ impl Mock {
         };
         let rendered = Bytes::from(rendered);
         if let Ok(mut cache) = self.vectors.lock() {
-            if cache.len() >= MAX_CACHED_VECTORS {
-                cache.clear();
+            if cache.bytes + rendered.len() > self.cache_budget {
+                cache.map.clear();
+                cache.bytes = 0;
             }
-            cache.insert(key, rendered.clone());
+            if rendered.len() <= self.cache_budget {
+                cache.bytes += rendered.len();
+                if let Some(old) = cache.map.insert(key, rendered.clone()) {
+                    cache.bytes -= old.len();
+                }
+            }
         }
         rendered
     }
 }
 
 /// The inputs of an embeddings request: a string, a list of strings, a token list, or a list of
-/// token lists. Each becomes the bytes its vector is derived from.
+/// token lists (at most [`MAX_INPUTS`]). Each becomes the bytes its vector is derived from.
 fn embedding_inputs(input: Option<&Value>) -> Result<Vec<Vec<u8>>, Error> {
     let bad = || {
         Error::invalid_request("`input` must be a non-empty string, array of strings, or array of token arrays.")
             .param("input")
     };
+    if let Some(Value::Array(items)) = input {
+        if items.len() > MAX_INPUTS && !items.iter().all(Value::is_u64) {
+            return Err(Error::invalid_request(format!(
+                "`input` may have at most {MAX_INPUTS} items; this request has {}.",
+                items.len()
+            ))
+            .param("input"));
+        }
+    }
     let out: Vec<Vec<u8>> = match input {
         Some(Value::String(s)) => vec![s.as_bytes().to_vec()],
         Some(Value::Array(items)) if items.iter().all(Value::is_u64) => {
@@ -426,6 +461,51 @@ mod tests {
         let g: Vec<f32> = raw.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(f, g);
         assert_ne!(f, serde_json::from_slice::<Vec<f32>>(&mock.vector(8, 64, false)).unwrap());
+    }
+
+    fn embed(mock: &Mock, body: &Value) -> Result<Answer, Error> {
+        mock.respond(Api::Embeddings, body.to_string().as_bytes(), "m", &HeaderMap::new())
+    }
+
+    #[test]
+    fn embeddings_take_at_most_2048_inputs_and_name_the_parameter_past_that() {
+        let mock = Mock::default();
+        let inputs = |n: usize| Value::from((0..n).map(|i| format!("in{}", i % 3)).collect::<Vec<_>>());
+        assert!(embed(&mock, &serde_json::json!({"input": inputs(2048), "dimensions": 4})).is_ok());
+        let e = embed(&mock, &serde_json::json!({"input": inputs(2049), "dimensions": 4})).err().unwrap();
+        assert_eq!((e.status.as_u16(), e.param), (400, Some("input")));
+        assert!(e.message.contains("2048") && e.message.contains("2049"), "{}", e.message);
+        // One long token list is one input, however many tokens it has.
+        let tokens: Vec<u64> = (0..5000).collect();
+        assert!(embed(&mock, &serde_json::json!({"input": tokens, "dimensions": 4})).is_ok());
+    }
+
+    #[test]
+    fn embeddings_take_1_to_3072_dimensions_and_name_the_parameter_otherwise() {
+        let mock = Mock::default();
+        assert!(embed(&mock, &serde_json::json!({"input": "x", "dimensions": 3072})).is_ok());
+        for bad in
+            [serde_json::json!(3073), serde_json::json!(0), serde_json::json!(1u64 << 40), serde_json::json!("8")]
+        {
+            let e = embed(&mock, &serde_json::json!({"input": "x", "dimensions": bad})).err().unwrap();
+            assert_eq!((e.status.as_u16(), e.param), (400, Some("dimensions")), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_vector_cache_stays_within_its_byte_budget() {
+        let mock = Mock { cache_budget: 10_000, ..Mock::default() };
+        for seed in 0..50 {
+            let v = mock.vector(seed, 256, false);
+            assert!(v.len() > 1000);
+            let cache = mock.vectors.lock().unwrap();
+            assert!(cache.bytes <= 10_000, "{} bytes cached", cache.bytes);
+            assert_eq!(cache.bytes, cache.map.values().map(Bytes::len).sum::<usize>());
+            assert!(cache.map.contains_key(&(seed, 256, false)), "the newest vector is cached");
+        }
+        // A vector larger than the whole budget is served, not cached.
+        assert!(mock.vector(99, 3072, false).len() > 10_000);
+        assert!(!mock.vectors.lock().unwrap().map.contains_key(&(99, 3072, false)));
     }
 
     #[test]
