@@ -28,9 +28,25 @@ use std::ops::Range;
 const REQUEST_HEADERS: &[&str] =
     &["accept", "user-agent", "openai-beta", "idempotency-key", "x-request-id", "x-client-request-id"];
 
-/// Upstream response headers forwarded to the client (besides `content-type`).
-const RESPONSE_HEADERS: &[&str] =
-    &["x-request-id", "request-id", "openai-processing-ms", "openai-version", "retry-after", "cache-control"];
+/// Upstream response headers forwarded to the client (besides `content-type`, and
+/// `content-length`/`content-encoding` when the body is not rewritten). Request ids for support
+/// tickets, and the rate-limit family: SDKs back off on `retry-after-ms` / `retry-after`, and
+/// clients pace themselves on `x-ratelimit-*`. Never `set-cookie` or anything not listed.
+const RESPONSE_HEADERS: &[&str] = &[
+    "x-request-id",
+    "request-id",
+    "openai-organization",
+    "openai-project",
+    "openai-processing-ms",
+    "openai-version",
+    "retry-after",
+    "retry-after-ms",
+    "cache-control",
+];
+
+/// Prefix of OpenAI's rate-limit headers (`x-ratelimit-limit-requests`,
+/// `x-ratelimit-remaining-tokens`, `x-ratelimit-reset-requests`, ...), forwarded as a family.
+const RATE_LIMIT_PREFIX: &str = "x-ratelimit-";
 
 /// An upstream request built from a client request, and whether the usage-only event must be
 /// removed from the response stream.
@@ -165,6 +181,7 @@ pub fn response(
         let n = name.as_str();
         if n == "content-type"
             || RESPONSE_HEADERS.contains(&n)
+            || n.starts_with(RATE_LIMIT_PREFIX)
             || (n == "content-length" && keeps_length)
             || (n == "content-encoding" && encoded)
         {

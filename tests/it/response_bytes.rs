@@ -1,8 +1,9 @@
 //! What reaches the client, byte for byte: a passthrough stream is the upstream's bytes minus
 //! only the usage-only event the gateway asked for on the client's behalf; a JSON body is the
-//! upstream's; and each frame is forwarded as it arrives, not when the upstream finishes.
+//! upstream's; each frame is forwarded as it arrives, not when the upstream finishes; and the
+//! response headers are exactly the allow-listed ones (rate limits and request ids, never cookies).
 
-use crate::harness::client::{exchange, post, Client};
+use crate::harness::client::{exchange, post, Client, Head};
 use crate::harness::upstream::{chunk, response, sse_head, Gate, Step, Upstream, LAST_CHUNK};
 use crate::harness::{config, Gateway};
 use std::time::Duration;
@@ -106,17 +107,100 @@ async fn a_stream_reaches_the_client_byte_for_byte_minus_only_the_usage_event_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_body_reaches_the_client_byte_for_byte() {
     let body = "{\n  \"id\": \"chatcmpl-1\",\n  \"object\": \"chat.completion\",\n  \"choices\": [{\"index\": 0, \"message\": {\"role\": \"assistant\", \"content\": \"caf\\u00e9 \\\"usage\\\"\"}, \"finish_reason\": \"stop\"}],\n  \"usage\": {\"prompt_tokens\": 5, \"completion_tokens\": 7, \"total_tokens\": 12}\n}\n";
-    let mut up = Upstream::start(move |_| {
-        vec![Step::Write(response(200, "application/json", &[("openai-processing-ms", "12")], body))]
-    })
-    .await;
+    let mut up =
+        Upstream::start(move |_| vec![Step::Write(response(200, "application/json", UPSTREAM_HEADERS, body))]).await;
     let gw = Gateway::start(&config(up.addr, "", ""));
     let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[]}"#)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text(), body);
-    assert_eq!(resp.head.get("content-length"), Some(body.len().to_string().as_str()));
-    assert_eq!(resp.head.get("content-type"), Some("application/json"));
-    assert_eq!(resp.head.get("openai-processing-ms"), Some("12"));
+    let length = body.len().to_string();
+    let mut want = vec![("content-type", "application/json"), ("content-length", length.as_str())];
+    want.extend(FORWARDED_HEADERS);
+    assert_eq!(headers_but_date(&resp.head), want);
+    up.request().await;
+}
+
+/// What OpenAI sends with a response, and then some that must not reach the client.
+const UPSTREAM_HEADERS: &[(&str, &str)] = &[
+    ("date", "Tue, 01 Jan 2030 00:00:00 GMT"),
+    ("x-ratelimit-limit-requests", "10000"),
+    ("x-ratelimit-limit-tokens", "30000000"),
+    ("x-ratelimit-remaining-requests", "9999"),
+    ("x-ratelimit-remaining-tokens", "29999990"),
+    ("x-ratelimit-reset-requests", "6ms"),
+    ("x-ratelimit-reset-tokens", "0s"),
+    ("openai-organization", "org-example"),
+    ("openai-project", "proj_example"),
+    ("openai-processing-ms", "12"),
+    ("openai-version", "2020-10-01"),
+    ("x-request-id", "req_0123456789abcdef"),
+    ("retry-after-ms", "250"),
+    ("retry-after", "1"),
+    ("set-cookie", "__cf_bm=secret-session; path=/; HttpOnly"),
+    ("set-cookie", "_cfuvid=another; path=/"),
+    ("cf-ray", "8f0000000000abcd-AMS"),
+    ("strict-transport-security", "max-age=31536000"),
+    ("alt-svc", "h3=\":443\"; ma=86400"),
+    ("connection", "keep-alive"),
+    ("server", "cloudflare"),
+];
+
+/// [`UPSTREAM_HEADERS`] as the client must see them: the allow-listed ones, in upstream order.
+const FORWARDED_HEADERS: &[(&str, &str)] = &[
+    ("x-ratelimit-limit-requests", "10000"),
+    ("x-ratelimit-limit-tokens", "30000000"),
+    ("x-ratelimit-remaining-requests", "9999"),
+    ("x-ratelimit-remaining-tokens", "29999990"),
+    ("x-ratelimit-reset-requests", "6ms"),
+    ("x-ratelimit-reset-tokens", "0s"),
+    ("openai-organization", "org-example"),
+    ("openai-project", "proj_example"),
+    ("openai-processing-ms", "12"),
+    ("openai-version", "2020-10-01"),
+    ("x-request-id", "req_0123456789abcdef"),
+    ("retry-after-ms", "250"),
+    ("retry-after", "1"),
+];
+
+/// The response's headers in order, without the one `date` the gateway's server adds.
+fn headers_but_date(head: &Head) -> Vec<(&str, &str)> {
+    assert_eq!(head.headers.iter().filter(|(n, _)| n == "date").count(), 1, "{:?}", head.headers);
+    head.headers.iter().filter(|(n, _)| n != "date").map(|(n, v)| (n.as_str(), v.as_str())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_and_an_error_carry_the_same_allow_listed_headers() {
+    let stream = "data: {\"choices\":[]}\n\ndata: [DONE]\n\n";
+    let error =
+        r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+    let mut up = Upstream::start(move |req| {
+        if req.body_text().contains("\"stream\":true") {
+            vec![
+                Step::Write(sse_head(UPSTREAM_HEADERS)),
+                Step::Write(chunk(stream.as_bytes())),
+                Step::Write(LAST_CHUNK.to_vec()),
+            ]
+        } else {
+            vec![Step::Write(response(429, "application/json", UPSTREAM_HEADERS, error))]
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(up.addr, "", ""));
+
+    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","stream":true}"#)).await;
+    assert_eq!(resp.status(), 200);
+    let mut want = vec![("content-type", "text/event-stream")];
+    want.extend(FORWARDED_HEADERS);
+    want.push(("transfer-encoding", "chunked"));
+    assert_eq!(headers_but_date(&resp.head), want);
+
+    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1"}"#)).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.text(), error);
+    let length = error.len().to_string();
+    let mut want = vec![("content-type", "application/json"), ("content-length", length.as_str())];
+    want.extend(FORWARDED_HEADERS);
+    assert_eq!(headers_but_date(&resp.head), want);
     up.request().await;
 }
 
