@@ -9,7 +9,16 @@
 //!
 //! The same scanner reads upstream JSON that is only observed: [`usage`] finds the `usage`
 //! object of a response or stream event without building anything.
+//!
+//! Documents that must be read whole (a request being translated, a non-stream response being
+//! rewritten) are deserialised with simd-json by [`with_scratch`]: simd-json unescapes strings in
+//! place, so it needs a mutable copy, and that copy goes into a per-thread buffer reused across
+//! requests (as do simd-json's own buffers). Sub-trees that are only carried over (tool schemas,
+//! tool inputs) are read as [`Raw`], since serde_json's `RawValue` exists only for serde_json.
 
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use std::cell::RefCell;
 use std::ops::Range;
 
 /// Deepest nesting accepted; deeper documents are rejected rather than risking a slow path.
@@ -315,6 +324,198 @@ pub fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
         }
     }
     None
+}
+
+/// A reused mutable copy of a document, for simd-json. See [`with_scratch`].
+pub struct Scratch {
+    copy: Vec<u8>,
+    buffers: simd_json::Buffers,
+}
+
+/// Scratch space kept per thread after a document of at most this size; a larger one is freed,
+/// so one huge request does not pin its size of memory on a worker thread for good.
+const SCRATCH_KEPT: usize = 1 << 20;
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::new());
+}
+
+impl Scratch {
+    fn new() -> Self {
+        // Nesting bounded as the scanner bounds it: simd-json's deserialiser recurses per level.
+        Scratch { copy: Vec::new(), buffers: simd_json::Buffers::with_max_depth(0, MAX_DEPTH) }
+    }
+
+    /// Deserialises the copy (once: simd-json rewrites it). Strings borrow from the copy, so
+    /// `&str` fields work whatever escapes the text had.
+    pub fn parse<'a, T: Deserialize<'a>>(&'a mut self) -> Result<T, simd_json::Error> {
+        simd_json::serde::from_slice_with_buffers(&mut self.copy, &mut self.buffers)
+    }
+}
+
+/// Copies `text` into this thread's scratch buffer and hands it to `f` for parsing. The buffer
+/// and simd-json's own buffers are reused by the next call on the thread.
+pub fn with_scratch<R>(text: &[u8], f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let run = |scratch: &mut Scratch| {
+        scratch.copy.clear();
+        scratch.copy.extend_from_slice(text);
+        let out = f(scratch);
+        if text.len() > SCRATCH_KEPT {
+            *scratch = Scratch::new();
+        }
+        out
+    };
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => run(&mut scratch),
+        // Only reached if `f` itself parsed another document: it gets a scratch of its own.
+        Err(_) => run(&mut Scratch::new()),
+    })
+}
+
+/// A JSON value carried over as text: deserialised from any serde format and rendered compactly,
+/// key order and duplicate keys kept, strings re-escaped, integers exact, other numbers in
+/// their shortest round-trip form. The stand-in for serde_json's `RawValue` under simd-json.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Raw(pub Vec<u8>);
+
+impl Raw {
+    /// Whether the value is `{}`.
+    pub fn is_empty_object(&self) -> bool {
+        self.0 == b"{}"
+    }
+}
+
+impl<'de> Deserialize<'de> for Raw {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut out = Vec::new();
+        Render(&mut out).deserialize(d)?;
+        Ok(Raw(out))
+    }
+}
+
+/// Renders one value into the buffer as it is visited.
+struct Render<'o>(&'o mut Vec<u8>);
+
+impl<'de> DeserializeSeed<'de> for Render<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Render<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.0.extend_from_slice(if v { b"true" } else { b"false" });
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.extend_from_slice(v.to_string().as_bytes());
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0.extend_from_slice(v.to_string().as_bytes());
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        // A parser never yields a non-finite number; JSON has no spelling for one.
+        if v.is_finite() {
+            self.0.extend_from_slice(ryu::Buffer::new().format_finite(v).as_bytes());
+        } else {
+            self.0.extend_from_slice(b"null");
+        }
+        Ok(())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        write_str(self.0, v);
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.extend_from_slice(b"null");
+        Ok(())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.visit_unit()
+    }
+
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.0.push(b'[');
+        let mut first = true;
+        loop {
+            // The separator goes in before we know whether an element follows; taken back if not.
+            let mark = self.0.len();
+            if !first {
+                self.0.push(b',');
+            }
+            if seq.next_element_seed(Render(self.0))?.is_none() {
+                self.0.truncate(mark);
+                break;
+            }
+            first = false;
+        }
+        self.0.push(b']');
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.0.push(b'{');
+        let mut first = true;
+        loop {
+            let mark = self.0.len();
+            if !first {
+                self.0.push(b',');
+            }
+            if map.next_key_seed(Key(self.0))?.is_none() {
+                self.0.truncate(mark);
+                break;
+            }
+            self.0.push(b':');
+            map.next_value_seed(Render(self.0))?;
+            first = false;
+        }
+        self.0.push(b'}');
+        Ok(())
+    }
+}
+
+/// Renders an object key, which is always a string.
+struct Key<'o>(&'o mut Vec<u8>);
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        write_str(self.0, v);
+        Ok(())
+    }
 }
 
 struct Scanner<'a> {
@@ -635,6 +836,60 @@ mod tests {
         assert_eq!(usage(ev), Some((Usage { prompt: 12, completion: 34 }, true)));
         let ev = br#"{"choices":[{"delta":{}}],"usage":null}"#;
         assert_eq!(usage(ev), None);
+    }
+
+    fn raw(text: &str) -> String {
+        let raw: Raw = with_scratch(text.as_bytes(), |s| s.parse()).unwrap();
+        String::from_utf8(raw.0).unwrap()
+    }
+
+    #[test]
+    fn raw_values_render_compactly_in_their_key_order() {
+        // More keys than a small-map backend keeps in order, and keys that sort differently.
+        let keys: Vec<String> = (0..40).map(|i| format!("\"k{}\":{i}", 40 - i)).collect();
+        let text = format!("{{ {} }}", keys.join(" , "));
+        assert_eq!(raw(&text), format!("{{{}}}", keys.join(",")));
+        assert_eq!(
+            raw(r#" { "b" : [ 1 , -2 , 1.50 , 1e2 , true , null , { } , [ ] ] , "a" : "x" } "#),
+            r#"{"b":[1,-2,1.5,100.0,true,null,{},[]],"a":"x"}"#
+        );
+    }
+
+    #[test]
+    fn raw_strings_are_re_escaped_to_the_same_value() {
+        let text = r#"{"k\u00e9\"y":"a\n\"b\"\\ \u0001 \ud83d\ude00 /"}"#;
+        let got = raw(text);
+        let want: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&got).unwrap(), want);
+        assert_eq!(got, "{\"ké\\\"y\":\"a\\n\\\"b\\\"\\\\ \\u0001 😀 /\"}");
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_read_as_floats_like_serde_json() {
+        assert_eq!(raw(r#"{"n":123456789012345678901234567890}"#), r#"{"n":1.2345678901234568e29}"#);
+    }
+
+    #[test]
+    fn scratch_is_reused_without_leftovers_from_a_longer_document() {
+        assert_eq!(
+            raw(r#"{"long":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#),
+            r#"{"long":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#
+        );
+        assert_eq!(raw(r#"{"s":1}"#), r#"{"s":1}"#);
+        // A parse nested in another gets a scratch of its own.
+        let (outer, inner) = with_scratch(br#"{"o":2}"#, |s| {
+            let inner: Raw = with_scratch(br#"{"i":3}"#, |s| s.parse()).unwrap();
+            (s.parse::<Raw>().unwrap(), inner)
+        });
+        assert_eq!((outer.0, inner.0), (br#"{"o":2}"#.to_vec(), br#"{"i":3}"#.to_vec()));
+    }
+
+    #[test]
+    fn scratch_parses_refuse_nesting_deeper_than_the_scanner_allows() {
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(with_scratch(deep.as_bytes(), |s| s.parse::<Raw>()).is_err());
+        let ok = format!("{{\"a\":{}{}}}", "[".repeat(MAX_DEPTH - 2), "]".repeat(MAX_DEPTH - 2));
+        assert!(with_scratch(ok.as_bytes(), |s| s.parse::<Raw>()).is_ok());
     }
 
     #[test]

@@ -15,14 +15,13 @@ use super::Translate;
 use crate::body::{Body, Mode};
 use crate::config::Connection;
 use crate::error::Error;
-use crate::json::{self, Usage};
+use crate::json::{self, Raw, Usage};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 /// Largest non-stream or error body read whole.
 const MAX_BODY: usize = 64 << 20;
@@ -140,56 +139,52 @@ pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
 
 #[derive(Deserialize)]
 struct Message<'a> {
-    #[serde(borrow)]
-    id: &'a RawValue,
-    #[serde(borrow)]
-    model: &'a RawValue,
+    id: &'a str,
+    model: &'a str,
     #[serde(borrow, default)]
     content: Vec<ContentBlock<'a>>,
-    stop_reason: Option<String>,
-    #[serde(borrow)]
-    usage: Option<&'a RawValue>,
+    stop_reason: Option<&'a str>,
+    usage: Option<UsageJson>,
 }
 
-/// A content block, flat: `RawValue` cannot sit inside a tagged enum.
+/// A content block, flat: every kind's fields are optional, and kinds we do not map (server
+/// tools, redacted thinking, future ones) are skipped without failing the message.
 #[derive(Deserialize)]
 struct ContentBlock<'a> {
     #[serde(rename = "type")]
-    kind: String,
-    #[serde(borrow)]
-    text: Option<&'a RawValue>,
-    #[serde(borrow)]
-    thinking: Option<&'a RawValue>,
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    name: Option<&'a RawValue>,
-    #[serde(borrow)]
-    input: Option<&'a RawValue>,
+    kind: &'a str,
+    text: Option<&'a str>,
+    thinking: Option<&'a str>,
+    id: Option<&'a str>,
+    name: Option<&'a str>,
+    input: Option<Raw>,
 }
 
-/// A Messages response as an OpenAI `chat.completion`, and its usage.
+/// A Messages response as an OpenAI `chat.completion`, and its usage. Parsed whole with
+/// simd-json on the thread's scratch copy ([`json::with_scratch`]).
 pub fn message(body: &[u8]) -> Option<(Vec<u8>, Usage)> {
-    let m: Message = serde_json::from_slice(body).ok()?;
+    json::with_scratch(body, |scratch| render_message(scratch.parse().ok()?, body.len()))
+}
+
+fn render_message(m: Message, size: usize) -> Option<(Vec<u8>, Usage)> {
     let mut text = String::new();
     let mut thinking = String::new();
     let mut calls = Vec::new();
     for b in &m.content {
-        let string = |v: Option<&RawValue>| v.and_then(|v| json::string_value(v.get().as_bytes()));
-        match b.kind.as_str() {
-            "text" => text.push_str(&string(b.text).unwrap_or_default()),
-            "thinking" => thinking.push_str(&string(b.thinking).unwrap_or_default()),
+        match b.kind {
+            "text" => text.push_str(b.text.unwrap_or_default()),
+            "thinking" => thinking.push_str(b.thinking.unwrap_or_default()),
             "tool_use" => calls.push(b),
             _ => {}
         }
     }
-    let mut out = Vec::with_capacity(body.len() + 256);
+    let mut out = Vec::with_capacity(size + 256);
     out.extend_from_slice(b"{\"id\":");
-    out.extend_from_slice(m.id.get().as_bytes());
+    json::write_str(&mut out, m.id);
     out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
     out.extend_from_slice(super::unix_now().to_string().as_bytes());
     out.extend_from_slice(b",\"model\":");
-    out.extend_from_slice(m.model.get().as_bytes());
+    json::write_str(&mut out, m.model);
     out.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
     if text.is_empty() && !calls.is_empty() {
         out.extend_from_slice(b"null");
@@ -207,24 +202,22 @@ pub fn message(body: &[u8]) -> Option<(Vec<u8>, Usage)> {
                 out.push(b',');
             }
             out.extend_from_slice(b"{\"id\":");
-            out.extend_from_slice(c.id.map_or("\"\"", |v| v.get()).as_bytes());
+            json::write_str(&mut out, c.id.unwrap_or_default());
             out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
-            out.extend_from_slice(c.name.map_or("\"\"", |v| v.get()).as_bytes());
+            json::write_str(&mut out, c.name.unwrap_or_default());
             out.extend_from_slice(b",\"arguments\":");
-            // The input object, as written, becomes the arguments string.
-            json::write_str(&mut out, c.input.map_or("{}", |v| v.get()).trim());
+            // The input object, rendered compactly in its key order, becomes the arguments string.
+            let input = c.input.as_ref().map_or(&b"{}"[..], |r| &r.0);
+            json::write_str(&mut out, std::str::from_utf8(input).ok()?);
             out.extend_from_slice(b"}}");
         }
         out.push(b']');
     }
-    let finish = m.stop_reason.as_deref().map_or("stop", |r| stream::finish_reason(r.as_bytes()));
+    let finish = m.stop_reason.map_or("stop", |r| stream::finish_reason(r.as_bytes()));
     out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":\"");
     out.extend_from_slice(finish.as_bytes());
     out.extend_from_slice(b"\"}],\"usage\":");
-    let mut tokens = UsageJson::default();
-    if let Some(u) = m.usage {
-        tokens = serde_json::from_str(u.get()).unwrap_or_default();
-    }
+    let tokens = m.usage.unwrap_or_default();
     let usage = tokens.usage();
     out.extend_from_slice(
         format!(

@@ -11,14 +11,18 @@
 //! `parallel_tool_calls` → `tool_choice`. Parameters Anthropic cannot honour are a 400 naming
 //! the parameter when their value matters, and are accepted when their value is a no-op.
 //!
-//! Requests are parsed fully here (serde_json, with `RawValue` for schemas and arguments so
-//! nested JSON goes through as written): translation needs the whole tree anyway, and a request
-//! is parsed once while its response may be thousands of events.
+//! Requests are parsed fully here, with simd-json on a reused scratch copy
+//! ([`json::with_scratch`]): translation needs the whole tree anyway, and a request is parsed
+//! once while its response may be thousands of events. Strings borrow from the copy; schemas
+//! and similar sub-trees that are only carried over are read as [`json::Raw`] text (key order
+//! kept) and embedded in the output without another tree. The output is written by serde_json.
 
 use crate::error::Error;
-use crate::json;
+use crate::json::{self, Raw};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 /// What the stream translator needs to know from the request.
 pub struct Translated {
@@ -45,7 +49,7 @@ struct ChatRequest<'a> {
     #[serde(borrow)]
     tools: Option<Vec<InTool<'a>>>,
     #[serde(borrow)]
-    tool_choice: Option<&'a RawValue>,
+    tool_choice: Option<InToolChoice<'a>>,
     parallel_tool_calls: Option<bool>,
     user: Option<String>,
     // Parameters that cannot be honoured: checked below.
@@ -54,15 +58,12 @@ struct ChatRequest<'a> {
     top_logprobs: Option<u64>,
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
-    #[serde(borrow)]
-    logit_bias: Option<&'a RawValue>,
+    logit_bias: Option<Raw>,
     response_format: Option<ResponseFormat>,
     seed: Option<i64>,
-    #[serde(borrow)]
-    audio: Option<&'a RawValue>,
+    audio: Option<Raw>,
     modalities: Option<Vec<String>>,
-    #[serde(borrow)]
-    prediction: Option<&'a RawValue>,
+    prediction: Option<Raw>,
     reasoning_effort: Option<String>,
 }
 
@@ -127,30 +128,34 @@ struct InToolCall<'a> {
 struct InCall<'a> {
     name: String,
     #[serde(borrow)]
-    arguments: Option<std::borrow::Cow<'a, str>>,
+    arguments: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 struct InTool<'a> {
     #[serde(rename = "type")]
-    kind: String,
-    #[serde(borrow)]
-    function: Option<InFunction<'a>>,
+    kind: Cow<'a, str>,
+    function: Option<InFunction>,
 }
 
 #[derive(Deserialize)]
-struct InFunction<'a> {
+struct InFunction {
     name: String,
     description: Option<String>,
-    #[serde(borrow)]
-    parameters: Option<&'a RawValue>,
+    parameters: Option<Raw>,
 }
 
+/// `tool_choice`; anything else is kept apart so that it is a 400 naming `tool_choice` rather
+/// than a failure of the whole request's parse.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum InToolChoice {
-    Mode(String),
-    Named { function: NamedFunction },
+enum InToolChoice<'a> {
+    #[serde(borrow)]
+    Mode(Cow<'a, str>),
+    Named {
+        function: NamedFunction,
+    },
+    Other(IgnoredAny),
 }
 
 #[derive(Deserialize)]
@@ -176,7 +181,7 @@ struct MessagesRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<Metadata>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    tools: Vec<ToolOut<'a>>,
+    tools: Vec<ToolOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<ToolChoiceOut>,
 }
@@ -209,11 +214,11 @@ enum ImageSource {
 }
 
 #[derive(Serialize)]
-struct ToolOut<'a> {
+struct ToolOut {
     name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     description: Option<String>,
-    input_schema: &'a RawValue,
+    input_schema: Box<RawValue>,
 }
 
 #[derive(Serialize)]
@@ -236,8 +241,23 @@ fn unsupported(param: &'static str) -> Error {
 
 /// Translates an OpenAI chat request body (already validated JSON) for `model`.
 pub fn translate(body: &[u8], model: &str, default_max_tokens: u64) -> Result<Translated, Error> {
-    let req: ChatRequest = serde_json::from_slice(body)
-        .map_err(|e| Error::invalid_request(format!("Invalid chat completion request: {e}.")))?;
+    json::with_scratch(body, |scratch| match scratch.parse() {
+        Ok(req) => translate_parsed(req, model, default_max_tokens),
+        Err(_) => Err(parse_error(body)),
+    })
+}
+
+/// Why a request does not have the chat request's shape. simd-json's errors name neither the
+/// member nor the type it wanted, so this (rare) path reads the body again with serde_json for
+/// a message the client can act on.
+fn parse_error(body: &[u8]) -> Error {
+    match serde_json::from_slice::<ChatRequest>(body) {
+        Err(e) => Error::invalid_request(format!("Invalid chat completion request: {e}.")),
+        Ok(_) => Error::invalid_request("Invalid chat completion request."),
+    }
+}
+
+fn translate_parsed(req: ChatRequest, model: &str, default_max_tokens: u64) -> Result<Translated, Error> {
     reject_unsupported(&req)?;
 
     let mut system = Vec::new();
@@ -286,11 +306,14 @@ pub fn translate(body: &[u8], model: &str, default_max_tokens: u64) -> Result<Tr
         .tools
         .unwrap_or_default()
         .into_iter()
-        .map(|t| match (t.kind.as_str(), t.function) {
+        .map(|t| match (&*t.kind, t.function) {
             ("function", Some(f)) => Ok(ToolOut {
                 name: f.name,
                 description: f.description,
-                input_schema: f.parameters.unwrap_or(empty_schema()),
+                input_schema: match f.parameters {
+                    Some(p) => raw_value(p).ok_or_else(|| bad("tools", "Invalid tool `parameters`."))?,
+                    None => empty_schema().to_owned(),
+                },
             }),
             _ => Err(bad("tools", format!("Tool type `{}` is not supported; use function tools.", t.kind))),
         })
@@ -328,7 +351,8 @@ pub fn translate(body: &[u8], model: &str, default_max_tokens: u64) -> Result<Tr
 
 fn reject_unsupported(r: &ChatRequest) -> Result<(), Error> {
     let nonzero = |v: Option<f64>| v.is_some_and(|x| x != 0.0);
-    let present = |v: Option<&RawValue>| v.is_some_and(|v| !matches!(v.get().trim(), "null" | "{}"));
+    // `null` reads as `None`; an empty object is as good as absent.
+    let present = |v: Option<&Raw>| v.is_some_and(|v| !v.is_empty_object());
     if r.n.is_some_and(|n| n != 1) {
         return Err(bad("n", "`n` other than 1 is not supported for Anthropic models."));
     }
@@ -341,7 +365,7 @@ fn reject_unsupported(r: &ChatRequest) -> Result<(), Error> {
     if nonzero(r.frequency_penalty) {
         return Err(unsupported("frequency_penalty"));
     }
-    if present(r.logit_bias) {
+    if present(r.logit_bias.as_ref()) {
         return Err(unsupported("logit_bias"));
     }
     if r.response_format.as_ref().is_some_and(|f| f.kind != "text") {
@@ -350,16 +374,21 @@ fn reject_unsupported(r: &ChatRequest) -> Result<(), Error> {
     if r.seed.is_some() {
         return Err(unsupported("seed"));
     }
-    if present(r.audio) || r.modalities.as_ref().is_some_and(|m| m.iter().any(|m| m != "text")) {
-        return Err(unsupported(if present(r.audio) { "audio" } else { "modalities" }));
+    if present(r.audio.as_ref()) || r.modalities.as_ref().is_some_and(|m| m.iter().any(|m| m != "text")) {
+        return Err(unsupported(if present(r.audio.as_ref()) { "audio" } else { "modalities" }));
     }
-    if present(r.prediction) {
+    if present(r.prediction.as_ref()) {
         return Err(unsupported("prediction"));
     }
     if r.reasoning_effort.is_some() {
         return Err(bad("reasoning_effort", "`reasoning_effort` is not mapped to Anthropic thinking yet."));
     }
     Ok(())
+}
+
+/// Rendered JSON as a value serde_json embeds as it is.
+fn raw_value(raw: Raw) -> Option<Box<RawValue>> {
+    RawValue::from_string(String::from_utf8(raw.0).ok()?).ok()
 }
 
 fn empty_schema() -> &'static RawValue {
@@ -451,23 +480,19 @@ fn tool_use(call: InToolCall, i: usize) -> Result<Block, Error> {
     Ok(Block::ToolUse { id: call.id, name: call.function.name, input })
 }
 
-fn tool_choice(choice: Option<&RawValue>, parallel: Option<bool>) -> Result<Option<ToolChoiceOut>, Error> {
+fn tool_choice(choice: Option<InToolChoice>, parallel: Option<bool>) -> Result<Option<ToolChoiceOut>, Error> {
     let disable_parallel_tool_use = parallel == Some(false);
-    let parsed: Option<InToolChoice> = match choice {
-        None => None,
-        Some(raw) if raw.get().trim() == "null" => None,
-        Some(raw) => Some(serde_json::from_str(raw.get()).map_err(|_| bad("tool_choice", "Invalid `tool_choice`."))?),
-    };
-    let (kind, name) = match parsed {
+    let (kind, name) = match choice {
         None if disable_parallel_tool_use => ("auto", None),
         None => return Ok(None),
-        Some(InToolChoice::Mode(m)) => match m.as_str() {
+        Some(InToolChoice::Mode(m)) => match &*m {
             "auto" => ("auto", None),
             "required" => ("any", None),
             "none" => ("none", None),
             _ => return Err(bad("tool_choice", format!("Unknown `tool_choice` `{m}`."))),
         },
         Some(InToolChoice::Named { function }) => ("tool", Some(function.name)),
+        Some(InToolChoice::Other(_)) => return Err(bad("tool_choice", "Invalid `tool_choice`.")),
     };
     Ok(Some(ToolChoiceOut { kind, name, disable_parallel_tool_use: disable_parallel_tool_use && kind != "none" }))
 }
@@ -644,6 +669,47 @@ mod tests {
         let bad_args = json!({"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"not json"}}]}]});
         assert_eq!(err(bad_args).param, Some("messages"));
         assert_eq!(err(json!({"model":"m"})).status, 400);
+    }
+
+    #[test]
+    fn tool_schemas_keep_their_key_order_and_escaped_text_survives_the_in_place_parse() {
+        // Property order in a schema is what the model sees; 40 keys is past any small-map
+        // backend that would keep order by accident.
+        let props: Vec<String> = (0..40).map(|i| format!(r#""p{}":{{"type":"string"}}"#, 40 - i)).collect();
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"caf\u00e9 \"q\"\n"}}],
+            "tools":[{{"type":"function","function":{{"name":"f","parameters":{{"type":"object","properties":{{{}}}}}}}}}]}}"#,
+            props.join(",")
+        );
+        let t = translate(body.as_bytes(), "claude-x", 1024).unwrap();
+        let text = String::from_utf8(t.body.to_vec()).unwrap();
+        let want = format!(r#""input_schema":{{"type":"object","properties":{{{}}}}}"#, props.join(","));
+        assert!(text.contains(&want), "{text}");
+        let out: Value = serde_json::from_slice(&t.body).unwrap();
+        assert_eq!(out["messages"][0]["content"][0]["text"], "café \"q\"\n");
+    }
+
+    #[test]
+    fn a_tool_choice_of_the_wrong_shape_is_a_400_naming_it() {
+        for choice in [json!(7), json!({"type":"function"}), json!(["auto"]), json!("sometimes")] {
+            let e = err(json!({"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":choice}));
+            assert_eq!((e.status.as_u16(), e.param), (400, Some("tool_choice")), "{choice}");
+        }
+    }
+
+    #[test]
+    fn a_request_of_the_wrong_shape_is_a_400_that_says_what_is_wrong() {
+        for (req, says) in [
+            (json!({"model":"m"}), "missing field `messages`"),
+            (json!({"model":"m","messages":5}), "expected a sequence"),
+            (json!({"model":"m","messages":[{"role":"user","content":"x"}],"temperature":"hot"}), "expected f64"),
+        ] {
+            let e = err(req);
+            assert_eq!(e.status, 400);
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+        let dup = translate(br#"{"messages":[],"messages":[]}"#, "c", 1).err().unwrap();
+        assert!(dup.message.contains("duplicate field `messages`"), "{}", dup.message);
     }
 
     #[test]
