@@ -106,7 +106,7 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let ep = endpoint(&parts.method, parts.uri.path());
         let name = ep.as_ref().map_or("unknown", Endpoint::name);
-        let mut record = Record::new(self.config.clone(), parts.method.clone(), name);
+        let mut record = Record::new(self.config.clone(), parts.method.clone(), parts.uri.clone(), name);
         let result = match ep {
             Ok(Endpoint::Api(api)) => self.forward(api, &parts.headers, body, &mut record).await,
             Ok(Endpoint::Models) => self.models(&parts.headers, None),

@@ -3,7 +3,8 @@
 //! The record travels with the response body and is written exactly once, when it is dropped:
 //! after the last byte went out, or when the client went away, or with the error response. So
 //! every exit path logs one line (and, later, settles limits and metrics) without any code path
-//! having to remember to. Nothing secret is in it: model names, connection names, numbers.
+//! having to remember to. Nothing secret is in it: the method and path (never the query string,
+//! where some clients put keys), model and connection names, numbers.
 
 use crate::config::Config;
 use crate::json::Usage;
@@ -27,6 +28,8 @@ pub struct Record {
     started: Instant,
     /// HTTP method.
     pub method: http::Method,
+    /// The request URI; only its path is logged. A clone of the request's (shared bytes, no copy).
+    pub uri: http::Uri,
     /// Endpoint name (`chat`, `embeddings`, ...).
     pub endpoint: &'static str,
     /// Model as requested.
@@ -45,11 +48,12 @@ pub struct Record {
 
 impl Record {
     /// Starts a record for a request.
-    pub fn new(config: Arc<Config>, method: http::Method, endpoint: &'static str) -> Self {
+    pub fn new(config: Arc<Config>, method: http::Method, uri: http::Uri, endpoint: &'static str) -> Self {
         Record {
             config,
             started: Instant::now(),
             method,
+            uri,
             endpoint,
             model: None,
             connection: None,
@@ -76,6 +80,7 @@ impl Drop for Record {
                 tracing::$level!(
                     target: "lmgate::request",
                     method = %self.method,
+                    path = self.uri.path(),
                     endpoint = self.endpoint,
                     model = self.model.as_deref(),
                     connection,
@@ -93,5 +98,61 @@ impl Drop for Record {
         } else {
             line!(info)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A log sink shared with the subscriber.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_request_line_has_method_path_model_connection_status_and_tokens_but_no_query_or_key() {
+        let config = Config::parse(
+            "[connections.up]\napi_type = \"openai\"\napi_base = \"http://127.0.0.1:9/v1\"\napi_key = \"sk-conn-secret\"\n",
+            &|_: &str| -> Option<String> { None },
+        )
+        .unwrap();
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let uri: http::Uri = "/v1/chat/completions?api-key=sk-query-secret".parse().unwrap();
+            let mut record = Record::new(Arc::new(config), http::Method::POST, uri, "chat");
+            record.model = Some("gpt-4o".into());
+            record.connection = Some(0);
+            record.status = 200;
+            record.usage = Some(Usage { prompt: 11, completion: 7 });
+            record.outcome = Outcome::Complete;
+        });
+        let line = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        for field in [
+            "method=POST",
+            "path=\"/v1/chat/completions\"",
+            "model=\"gpt-4o\"",
+            "connection=\"up\"",
+            "status=200",
+            "duration_ms=",
+            "prompt_tokens=11",
+            "completion_tokens=7",
+        ] {
+            assert!(line.contains(field), "{field} missing from {line}");
+        }
+        assert!(!line.contains("secret"), "{line}");
+        assert_eq!(line.lines().count(), 1, "{line}");
     }
 }

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +26,7 @@ from openai_upstream import RecordingOpenAI
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config.toml"
 SECRET = "sk-secret-e2e-0123456789abcdef"
 CHECK_TIMEOUT_SECS = 30
+LOG_WAIT_SECS = 5
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
 # Variables the shipped config reads; each test sets exactly the ones it means to.
@@ -97,7 +99,13 @@ def test_check_on_the_shipped_config_prints_a_summary_without_secret_values(tmp_
         (f'[connections.o]\napi_type = "openai"\napi_key = "{SECRET}\n', ["line 3"]),
         ('[connections.m]\napi_type = "mock"\n[routing]\n"x" = "nope.y"\n', ['routing."x"', "`nope`"]),
     ],
-    ids=["unknown-server-key", "unknown-connection-key", "unterminated-string", "syntax-error-beside-a-key", "unknown-connection"],
+    ids=[
+        "unknown-server-key",
+        "unknown-connection-key",
+        "unterminated-string",
+        "syntax-error-beside-a-key",
+        "unknown-connection",
+    ],
 )
 def test_check_on_a_bad_file_exits_non_zero_naming_the_key_and_line(tmp_path: Path, text: str, expected: list[str]):
     config = tmp_path / "bad.toml"
@@ -229,9 +237,21 @@ def test_with_openai_api_key_set_gpt_models_go_to_the_openai_connection_with_tha
         assert "sk-client-any" not in str(request["headers"])
         assert request["body"]["model"] == "gpt-4o"
     assert sent[1]["body"]["stream_options"] == {"include_usage": True}
-    log = shipped_gateway.log_path.read_text(errors="replace")
-    assert "gpt-4o" in log, "one log line per request"
+    line = r'method=POST path="/v1/chat/completions" .*model="gpt-4o" connection="openai" status=200'
+    log = wait_for_log(shipped_gateway, line, count=2)
     assert SECRET not in log
+
+
+def wait_for_log(process: LmgateProcess, pattern: str, count: int) -> str:
+    """The process's log once `pattern` matches `count` lines. A request's line is written when
+    its response body is dropped, which may be just after the client has read the last byte."""
+    deadline = time.monotonic() + LOG_WAIT_SECS
+    while True:
+        log = process.log_path.read_text(errors="replace")
+        if len(re.findall(pattern, log)) >= count:
+            return log
+        assert time.monotonic() < deadline, f"{count} lines matching {pattern!r} expected in:\n{log}"
+        time.sleep(0.05)
 
 
 def test_a_model_of_a_connection_without_its_key_is_503_naming_the_variable(client: openai.OpenAI):
