@@ -76,6 +76,7 @@ struct RawServer {
     listen: Option<String>,
     max_request_bytes: Option<usize>,
     shutdown_grace_secs: Option<f64>,
+    drain_delay_secs: Option<f64>,
     body_timeout_secs: Option<f64>,
     model_listing_mode: Option<ListingMode>,
 }
@@ -183,6 +184,10 @@ pub struct Server {
     pub max_request_bytes: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// After a shutdown signal, how long `/health/ready` answers 503 while the gateway still
+    /// accepts and serves, so a load balancer sees the 503 and stops sending before connections
+    /// are refused. Zero (the default) closes the listener at once.
+    pub drain_delay: Duration,
     /// How long a client may take to send its request body (408 past it).
     pub body_timeout: Duration,
     /// Whether `/v1/models` lists wildcard patterns.
@@ -502,6 +507,7 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
         return err("server.max_request_bytes must be greater than 0");
     }
     let shutdown_grace = secs("server.shutdown_grace_secs", s.shutdown_grace_secs, 30.0, true)?;
+    let drain_delay = secs("server.drain_delay_secs", s.drain_delay_secs, 0.0, true)?;
     let body_timeout = secs("server.body_timeout_secs", s.body_timeout_secs, 60.0, false)?;
     let mode = match (s.model_listing_mode, raw.model_listing_mode) {
         (Some(_), Some(_)) => {
@@ -509,7 +515,14 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
         }
         (a, b) => a.or(b).unwrap_or(ListingMode::AsIs),
     };
-    Ok(Server { listen, max_request_bytes, shutdown_grace, body_timeout, list_wildcards: mode == ListingMode::AsIs })
+    Ok(Server {
+        listen,
+        max_request_bytes,
+        shutdown_grace,
+        drain_delay,
+        body_timeout,
+        list_wildcards: mode == ListingMode::AsIs,
+    })
 }
 
 fn secs(key: &str, v: Option<f64>, default: f64, zero_ok: bool) -> Result<Duration, ConfigError> {
@@ -683,6 +696,7 @@ mod tests {
         let text = include_str!("../config.toml");
         let cfg = parse(text, &[]).unwrap();
         assert!(cfg.open_group.is_some());
+        assert_eq!(cfg.server.drain_delay, Duration::ZERO, "the default keeps today's shutdown");
         let openai = cfg.connections.iter().find(|c| c.name == "openai").unwrap();
         assert!(openai.disabled.as_deref().unwrap().contains("OPENAI_API_KEY"));
         let anthropic = cfg.connections.iter().find(|c| c.name == "anthropic").unwrap();
@@ -789,6 +803,8 @@ mod tests {
         assert!(e.0.contains("connections.o.api_base"), "{e}");
         let e = parse("[connections.o]\napi_type = \"mock\"\nidle_timeout_secs = -1\n", &[]).unwrap_err();
         assert!(e.0.contains("connections.o.idle_timeout_secs"), "{e}");
+        let e = parse("[server]\ndrain_delay_secs = -1\n", &[]).unwrap_err();
+        assert!(e.0.contains("server.drain_delay_secs"), "{e}");
         let e = parse("[connections.o]\napi_type = \"gopher\"\n", &[]).unwrap_err();
         assert!(e.0.contains("gopher") && e.0.contains("line 2"), "{e}");
     }

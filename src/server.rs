@@ -4,10 +4,12 @@
 //! connection is served by hyper-util's auto builder (HTTP/1.1, or h2 when the client sends the
 //! h2 preface) on its own task; requests on it run inside that task (no task per request).
 //!
-//! Shutdown: when the shutdown future resolves, `/health/ready` turns 503, the listener is closed
-//! (new connections are refused), every connection is asked to finish gracefully (HTTP/1
-//! keep-alive ends, h2 sends GOAWAY) and in-flight requests and streams run on for up to
-//! `shutdown_grace`; then whatever is left is cut.
+//! Shutdown: when the shutdown future resolves, `/health/ready` turns 503. For `drain_delay` (0 by
+//! default) the gateway goes on accepting and serving as before, so a load balancer polling
+//! readiness sees the 503 and takes this replica out before any connection is refused. Then the
+//! listener is closed (new connections are refused), every connection is asked to finish
+//! gracefully (HTTP/1 keep-alive ends, h2 sends GOAWAY) and in-flight requests and streams run on
+//! for up to `shutdown_grace`; then whatever is left is cut.
 
 use crate::proxy::Proxy;
 use hyper::service::service_fn;
@@ -44,10 +46,11 @@ enum Phase {
     Cut,
 }
 
-/// Serves `proxy` on `listener` until `shutdown` resolves, then drains for the configured grace
-/// period and returns.
+/// Serves `proxy` on `listener` until `shutdown` resolves and the drain delay has passed, then
+/// drains for the configured grace period and returns.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let grace = proxy.config().server.shutdown_grace;
+    let drain_delay = proxy.config().server.drain_delay;
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     // Every connection task holds a sender; recv() returns None once all have ended.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
@@ -56,10 +59,25 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     builder.http2().timer(TokioTimer::new());
 
     let tick = tokio::spawn(timer_tick());
-    tokio::pin!(shutdown);
+    let stop_accepting = {
+        let proxy = proxy.clone();
+        async move {
+            shutdown.await;
+            // Readiness fails first, while everything else still works.
+            proxy.drain();
+            if !drain_delay.is_zero() {
+                tracing::info!(
+                    drain_delay_secs = drain_delay.as_secs_f64(),
+                    "shutting down: /health/ready answers 503; still serving until the drain delay is over"
+                );
+                tokio::time::sleep(drain_delay).await;
+            }
+        }
+    };
+    tokio::pin!(stop_accepting);
     loop {
         let (stream, _) = tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut stop_accepting => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {

@@ -1,8 +1,9 @@
-//! Graceful shutdown: new connections are refused at once, in-flight streams run to their end
-//! within the grace period, and whatever outlives it is cut so `serve` returns.
+//! Graceful shutdown: new connections are refused at once (or, with `drain_delay_secs`, once
+//! readiness has answered 503 for that long while everything is still served), in-flight streams
+//! run to their end within the grace period, and whatever outlives it is cut so `serve` returns.
 
-use crate::harness::client::{post, Client};
-use crate::harness::upstream::{chunk, sse_head, Gate, Step, Upstream, LAST_CHUNK};
+use crate::harness::client::{exchange, get, post, Client};
+use crate::harness::upstream::{chunk, json, sse_head, Gate, Step, Upstream, LAST_CHUNK};
 use crate::harness::{config, within, Gateway};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -108,4 +109,37 @@ async fn a_connection_that_never_sent_a_request_does_not_hold_shutdown_up() {
     gw.shutdown();
     gw.stopped().await;
     fresh.closed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_drain_delay_readiness_is_503_while_new_and_kept_connections_are_still_served() {
+    let mut up = Upstream::start(|_| vec![Step::Write(json(r#"{"ok":true}"#))]).await;
+    let mut gw = Gateway::start(&config(up.addr, "", "[server]\ndrain_delay_secs = 3\nshutdown_grace_secs = 30\n"));
+    let ready = get("/health/ready", &[]);
+    let mut kept = Client::connect(gw.addr).await;
+    kept.send(&ready).await;
+    assert_eq!(kept.response().await.status(), 200);
+
+    gw.shutdown();
+    // Each probe is a new connection: seeing the 503 on one proves the listener still accepts.
+    within("readiness to turn 503", async {
+        loop {
+            match exchange(gw.addr, &ready).await.status() {
+                503 => break,
+                status => assert_eq!(status, 200),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1"}"#)).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text());
+    up.request().await;
+    kept.send(&ready).await;
+    assert_eq!(kept.response().await.status(), 503, "a kept-alive connection is still served");
+
+    // After the delay the listener closes, the idle connection is let go and serve returns.
+    refused(gw.addr).await;
+    kept.closed().await;
+    gw.stopped().await;
 }
