@@ -10,7 +10,8 @@
 //!   Events are only observed for usage; the one removal is the usage-only event the gateway
 //!   asked for on the client's behalf. JSON keeps a small tail in which the usage is read at the
 //!   end. Between frames an idle timeout runs; once the head is sent a failure becomes one final
-//!   SSE error event (streams) or an aborted body (JSON).
+//!   SSE error event (streams) or an aborted body (JSON). [`Body::passthrough_from`] runs the
+//!   same loop over any `http_body::Body` (the zero-allocation test drives it that way).
 //!
 //! Every body may carry the request's [`Record`], written when the body is dropped.
 
@@ -59,6 +60,22 @@ impl Body {
 
     /// An upstream body forwarded as it arrives; see the module documentation.
     pub fn passthrough(upstream: Incoming, mode: Mode, idle: Duration, connection: &str) -> Self {
+        Self::passthrough_upstream(Upstream::Hyper(upstream), mode, idle, connection)
+    }
+
+    /// [`Body::passthrough`] over any body standing in for the upstream's: the same poll loop,
+    /// for in-process upstreams and for tests that drive it without a socket. Boxed, so the
+    /// hyper path pays nothing for it.
+    pub fn passthrough_from<B>(upstream: B, mode: Mode, idle: Duration, connection: &str) -> Self
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let boxed = Box::pin(http_body_util::BodyExt::map_err(upstream, Into::into));
+        Self::passthrough_upstream(Upstream::Boxed(boxed), mode, idle, connection)
+    }
+
+    fn passthrough_upstream(upstream: Upstream, mode: Mode, idle: Duration, connection: &str) -> Self {
         let p = Passthrough {
             upstream,
             mode,
@@ -186,8 +203,37 @@ struct Paced {
     len: usize,
 }
 
+/// The body a passthrough reads: hyper's, or a boxed stand-in ([`Body::passthrough_from`]).
+enum Upstream {
+    Hyper(Incoming),
+    Boxed(Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send + Sync>>),
+}
+
+impl Upstream {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            Upstream::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Upstream::Boxed(b) => b.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::Hyper(b) => b.is_end_stream(),
+            Upstream::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Upstream::Hyper(b) => b.size_hint(),
+            Upstream::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
 struct Passthrough {
-    upstream: Incoming,
+    upstream: Upstream,
     mode: Mode,
     idle: Duration,
     last_frame: Instant,
@@ -345,7 +391,7 @@ impl Passthrough {
                 return Poll::Ready(None);
             }
             let mut usage = None;
-            match Pin::new(&mut self.upstream).poll_frame(cx) {
+            match self.upstream.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     self.last_frame = Instant::now();
                     let fed = match frame.into_data() {

@@ -1,12 +1,21 @@
-//! Zero heap allocations per event in steady state on the translate path: decoder + Anthropic
-//! translator + the body's feed step, counted by the binary's counting allocator (main.rs).
-//! Counting is per thread, so tests running beside this one do not disturb it.
+//! Zero heap allocations per event in steady state on the translate path, counted by the
+//! binary's counting allocator (main.rs): decoder + Anthropic translator + the body's feed step
+//! over synthetic streams and over every recorded stream fixture, and the response body's whole
+//! poll loop (`Body::passthrough_from` with a scripted upstream body) over the fixtures.
+//! Counting is per thread, so tests running beside these do not disturb them.
 
+use crate::anthropic::{sse_bytes, STREAMS};
 use crate::counting;
 use bytes::Bytes;
-use lmgate::body::Translating;
+use http_body::{Body as _, Frame};
+use lmgate::body::{Body, Mode, Translating};
 use lmgate::provider::anthropic::stream::Stream;
 use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 fn event(kind: &str, json: &str) -> String {
     format!("event: {kind}\ndata: {json}\n\n")
@@ -96,4 +105,173 @@ fn translating_allocates_nothing_per_event_in_steady_state() {
 fn the_counting_allocator_counts() {
     let n = counting::count(|| drop(std::hint::black_box(vec![1u8; 64])));
     assert_eq!(n, 1);
+}
+
+/// A recorded stream cut into what can repeat: `head` (up to `message_start`), `middle` (the
+/// content blocks, pings included) and `tail` (`message_delta`, `message_stop`, `error`).
+struct Recorded {
+    head: Vec<u8>,
+    middle: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+fn recorded(name: &str) -> Recorded {
+    let bytes = sse_bytes(name);
+    let text = String::from_utf8(bytes).unwrap();
+    let mut r = Recorded { head: Vec::new(), middle: Vec::new(), tail: Vec::new() };
+    for event in text.split_inclusive("\n\n") {
+        let data = event.lines().find_map(|l| l.strip_prefix("data:")).unwrap_or_else(|| panic!("{name}: {event:?}"));
+        let v: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+        let part = match v["type"].as_str() {
+            Some("message_start") => &mut r.head,
+            Some("message_delta" | "message_stop" | "error") => &mut r.tail,
+            _ => &mut r.middle,
+        };
+        part.extend_from_slice(event.as_bytes());
+    }
+    r
+}
+
+/// Output events (blank-line ends) in `b`, counted without allocating.
+fn events_in(b: &[u8]) -> usize {
+    b.windows(2).filter(|w| w == b"\n\n").count()
+}
+
+/// Repetitions of a fixture's middle measured, after as many for warm-up: the warm-up must see
+/// upstream chunks as large as the measured ones, since buffers are sized by the largest chunk.
+const MEASURED: usize = 20;
+const WARM: usize = MEASURED;
+
+/// The fixtures whose content blocks can repeat; the rest (an in-band error alone) have no
+/// steady state: their one event ends the stream.
+fn repeatable() -> Vec<(&'static str, Recorded)> {
+    let all: Vec<_> = STREAMS.iter().map(|&n| (n, recorded(n))).collect();
+    let (with, without): (Vec<_>, Vec<_>) = all.into_iter().partition(|(_, r)| !r.middle.is_empty());
+    let skipped: Vec<&str> = without.iter().map(|(n, _)| *n).collect();
+    assert_eq!(skipped, ["stream-error-overloaded.sse"], "only the error-only fixture has nothing to repeat");
+    with
+}
+
+#[test]
+fn every_recorded_stream_translates_without_allocating_once_warm() {
+    for (name, r) in repeatable() {
+        let warm = r.middle.repeat(WARM);
+        let measured = r.middle.repeat(MEASURED);
+        let mut per_chunking = Vec::new();
+        for chunk in [1, 7, 64, 4096, usize::MAX] {
+            let mut t = Translating::new(Box::new(Stream::new(true)));
+            let mut queue = VecDeque::with_capacity(8);
+            feed(&mut t, &r.head, chunk, &mut queue);
+            feed(&mut t, &warm, chunk, &mut queue);
+            let mut out_events = 0;
+            let allocations = counting::count(|| {
+                for piece in measured.chunks(chunk) {
+                    t.feed(piece, "test", &mut queue).unwrap();
+                    out_events += queue.iter().map(|b| events_in(b)).sum::<usize>();
+                    queue.clear();
+                }
+            });
+            feed(&mut t, &r.tail, chunk, &mut queue);
+            assert!(t.done(), "{name}: the stream completes");
+            assert_eq!(allocations, 0, "{name}, chunk {chunk}: {allocations} allocations over {MEASURED} repetitions");
+            per_chunking.push(out_events);
+        }
+        assert!(per_chunking[0] >= MEASURED, "{name}: the measured part produced output ({per_chunking:?})");
+        assert!(per_chunking.windows(2).all(|w| w[0] == w[1]), "{name}: output events by chunking {per_chunking:?}");
+    }
+}
+
+/// An upstream body handing out prepared frames, `Pending` (woken at once) before each one as a
+/// socket would be between reads, and counting how many it has handed out.
+struct Scripted {
+    frames: VecDeque<Bytes>,
+    ready: bool,
+    served: Arc<AtomicUsize>,
+}
+
+impl http_body::Body for Scripted {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if !this.ready {
+            this.ready = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        this.ready = false;
+        let frame = this.frames.pop_front();
+        if frame.is_some() {
+            this.served.fetch_add(1, Ordering::Relaxed);
+        }
+        Poll::Ready(frame.map(|f| Ok(Frame::data(f))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+/// Frames of at most `size` bytes, sliced from one buffer (slicing `Bytes` never allocates).
+fn frames(bytes: &[u8], size: usize) -> VecDeque<Bytes> {
+    let all = Bytes::copy_from_slice(bytes);
+    (0..bytes.len()).step_by(size).map(|at| all.slice(at..(at + size).min(bytes.len()))).collect()
+}
+
+/// One poll of the response body as hyper makes it: the output frame is written and dropped.
+/// Returns the output bytes' event count, or `None` at the end.
+fn poll_once(body: &mut Body, cx: &mut Context<'_>) -> Option<usize> {
+    match Pin::new(body).poll_frame(cx) {
+        Poll::Ready(Some(Ok(frame))) => Some(frame.data_ref().map_or(0, |d| events_in(d))),
+        Poll::Ready(Some(Err(e))) => panic!("the body failed: {e}"),
+        Poll::Ready(None) => None,
+        Poll::Pending => Some(0),
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_response_body_poll_loop_allocates_nothing_per_event_once_warm() {
+    let mut cx = Context::from_waker(Waker::noop());
+    for (name, r) in repeatable() {
+        for size in [1, 64, 4096] {
+            let warm = [&r.head[..], &r.middle.repeat(WARM)].concat();
+            let measured = r.middle.repeat(MEASURED);
+            let (warm_frames, measured_frames) = (frames(&warm, size), frames(&measured, size));
+            let (n_warm, n_measured) = (warm_frames.len(), measured_frames.len());
+            let served = Arc::new(AtomicUsize::new(0));
+            let upstream = Scripted {
+                frames: warm_frames.into_iter().chain(measured_frames).chain(frames(&r.tail, size)).collect(),
+                ready: false,
+                served: served.clone(),
+            };
+            let translate = Mode::translate(Box::new(Stream::new(true)));
+            let mut body = Body::passthrough_from(upstream, translate, Duration::from_secs(60), "test");
+
+            while served.load(Ordering::Relaxed) < n_warm {
+                poll_once(&mut body, &mut cx).expect("the stream goes on");
+            }
+            let mut out_events = 0;
+            let allocations = counting::count(|| {
+                while served.load(Ordering::Relaxed) < n_warm + n_measured {
+                    out_events += poll_once(&mut body, &mut cx).expect("the stream goes on");
+                }
+            });
+            let mut rest = Vec::new();
+            loop {
+                match Pin::new(&mut body).poll_frame(&mut cx) {
+                    Poll::Ready(Some(Ok(f))) => rest.extend_from_slice(f.data_ref().map_or(&[][..], |d| &d[..])),
+                    Poll::Ready(None) => break,
+                    Poll::Pending => {}
+                    Poll::Ready(Some(Err(e))) => panic!("{name}: {e}"),
+                }
+            }
+            assert!(rest.ends_with(b"data: [DONE]\n\n"), "{name}: {}", String::from_utf8_lossy(&rest));
+            assert!(out_events >= MEASURED, "{name}, frames of {size}: the measured part produced output");
+            assert_eq!(
+                allocations, 0,
+                "{name}, frames of {size}: {allocations} allocations over {MEASURED} repetitions ({out_events} events out)"
+            );
+        }
+    }
 }

@@ -10,7 +10,8 @@ use lmgate::provider::anthropic::{self, stream::Stream};
 use serde_json::Value;
 use std::collections::{BTreeMap, VecDeque};
 
-const STREAMS: &[&str] = &[
+/// Every Anthropic stream fixture.
+pub(crate) const STREAMS: &[&str] = &[
     "stream-text.ndjson",
     "stream-thinking.sse",
     "stream-thinking-signature.ndjson",
@@ -19,7 +20,7 @@ const STREAMS: &[&str] = &[
     "stream-error-overloaded.sse",
 ];
 
-fn fixture(name: &str) -> Vec<u8> {
+pub(crate) fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/anthropic/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
@@ -37,7 +38,7 @@ fn provider_events(name: &str) -> Vec<Value> {
 
 /// The raw SSE bytes of a stream fixture: `.sse` as recorded; `.ndjson` payloads framed the way
 /// Anthropic frames them (`event: <type>` then `data: <json>`).
-fn sse_bytes(name: &str) -> Vec<u8> {
+pub(crate) fn sse_bytes(name: &str) -> Vec<u8> {
     if name.ends_with(".sse") {
         return fixture(name);
     }
