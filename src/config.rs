@@ -442,16 +442,26 @@ fn names<V>(map: &IndexMap<String, V>) -> String {
 }
 
 /// A TOML error with its line and column, without echoing the source line (it may hold a key).
+/// The enclosing table header is named, so "unknown field `lisen`" reads as a key of `[server]`.
 fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let msg = e.message().trim();
-    match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            ConfigError(format!("line {line}, column {col}: {msg}"))
-        }
-        None => ConfigError(msg.to_owned()),
+    let Some(span) = e.span() else {
+        return ConfigError(msg.to_owned());
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - line_start + 1;
+    let header = |l: &str| {
+        let l = l.split('#').next().unwrap_or("").trim();
+        (l.starts_with('[') && l.ends_with(']')).then(|| l.to_owned())
+    };
+    let this_line = text[line_start..].lines().next().unwrap_or("");
+    // An error on a header line is about the header itself, not the table above it.
+    let table = if header(this_line).is_some() { None } else { before[..line_start].lines().rev().find_map(header) };
+    match table {
+        Some(table) => ConfigError(format!("line {line}, column {col}, in {table}: {msg}")),
+        None => ConfigError(format!("line {line}, column {col}: {msg}")),
     }
 }
 
@@ -708,8 +718,12 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors_with_a_line() {
         let e = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", &[]).unwrap_err();
-        assert!(e.0.contains("line 3"), "{e}");
-        assert!(e.0.contains("lisen"), "{e}");
+        assert!(e.0.starts_with("line 3, column 1, in [server]: unknown field `lisen`"), "{e}");
+        let e = parse("[connections.m]  # comment\napi_type = \"mock\"\n\napi_bse = 1\n", &[]).unwrap_err();
+        assert!(e.0.starts_with("line 4, column 1, in [connections.m]: unknown field `api_bse`"), "{e}");
+        // A bad table name is reported on its own line, not as a key of the table above.
+        let e = parse("[server]\nlisten = \"127.0.0.1:1\"\n[servr]\nx = 1\n", &[]).unwrap_err();
+        assert!(e.0.starts_with("line 3, column 2: unknown field `servr`"), "{e}");
     }
 
     #[test]

@@ -92,8 +92,11 @@ def test_check_on_the_shipped_config_prints_a_summary_without_secret_values(tmp_
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('[server]\nlisten = "127.0.0.1:0"\nlisen = 3\n', ["line 3", "`lisen`"]),
-        ('[connections.local]\napi_type = "openai"\napi_bse = "http://127.0.0.1:1/v1"\n', ["line 3", "`api_bse`"]),
+        ('[server]\nlisten = "127.0.0.1:0"\nlisen = 3\n', ["line 3", "in [server]", "`lisen`"]),
+        (
+            '[connections.local]\napi_type = "openai"\napi_bse = "http://127.0.0.1:1/v1"\n',
+            ["line 3", "in [connections.local]", "`api_bse`"],
+        ),
         ('[server]\nlisten = "127.0.0.1:0\n', ["line 2"]),
         # A syntax error on a line holding a key: the message points at it, never quotes it.
         (f'[connections.o]\napi_type = "openai"\napi_key = "{SECRET}\n', ["line 3"]),
