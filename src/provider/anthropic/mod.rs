@@ -249,3 +249,93 @@ impl UsageJson {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Non-stream mappings on synthetic messages; expectations written by hand from
+    //! WIRE-FORMATS.md §4.2, §9.1 and §9.2.
+
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// The chat.completion for `msg` (`created` checked and removed), and the usage recorded.
+    fn completion(msg: Value) -> (Value, Usage) {
+        completion_of(&msg.to_string())
+    }
+
+    fn completion_of(body: &str) -> (Value, Usage) {
+        let (out, usage) = message(body.as_bytes()).expect("a readable message");
+        let mut v: Value = serde_json::from_slice(&out).unwrap();
+        assert!(v.as_object_mut().unwrap().remove("created").is_some_and(|c| c.is_u64()));
+        (v, usage)
+    }
+
+    fn msg(content: Value, stop_reason: &str, usage: Value) -> Value {
+        json!({"id":"msg_1","type":"message","role":"assistant","model":"claude-x","content":content,
+            "stop_reason":stop_reason,"stop_sequence":null,"usage":usage})
+    }
+
+    #[test]
+    fn thinking_becomes_reasoning_content_without_its_signature() {
+        let m = msg(
+            json!([{"type":"thinking","thinking":"First, \"why\"?\n","signature":"EqQBsecret"},
+                   {"type":"redacted_thinking","data":"opaque"},
+                   {"type":"text","text":"Because."}]),
+            "end_turn",
+            json!({"input_tokens":7,"output_tokens":11}),
+        );
+        let (got, usage) = completion(m);
+        assert_eq!(
+            got,
+            json!({"id":"msg_1","object":"chat.completion","model":"claude-x",
+                "choices":[{"index":0,"message":{"role":"assistant","content":"Because.",
+                    "reasoning_content":"First, \"why\"?\n"},"logprobs":null,"finish_reason":"stop"}],
+                "usage":{"prompt_tokens":7,"completion_tokens":11,"total_tokens":18,
+                    "prompt_tokens_details":{"cached_tokens":0}}})
+        );
+        assert_eq!(usage, Usage { prompt: 7, completion: 11 });
+        assert!(!got.to_string().contains("EqQBsecret") && !got.to_string().contains("opaque"));
+    }
+
+    #[test]
+    fn stop_reasons_map_to_finish_reasons() {
+        for (stop_reason, finish) in [
+            ("max_tokens", "length"),
+            ("stop_sequence", "stop"),
+            ("refusal", "content_filter"),
+            ("tool_use", "tool_calls"),
+        ] {
+            let (got, _) = completion(msg(json!([{"type":"text","text":"x"}]), stop_reason, json!({})));
+            assert_eq!(got["choices"][0]["finish_reason"], finish, "{stop_reason}");
+        }
+    }
+
+    #[test]
+    fn cache_reads_and_writes_count_as_prompt_tokens_and_reads_as_cached() {
+        let usage = json!({"input_tokens":10,"cache_creation_input_tokens":200,"cache_read_input_tokens":3000,
+            "cache_creation":{"ephemeral_5m_input_tokens":200,"ephemeral_1h_input_tokens":0},
+            "output_tokens":42,"service_tier":"standard"});
+        let (got, recorded) = completion(msg(json!([{"type":"text","text":"x"}]), "end_turn", usage));
+        assert_eq!(
+            got["usage"],
+            json!({"prompt_tokens":3210,"completion_tokens":42,"total_tokens":3252,
+                "prompt_tokens_details":{"cached_tokens":3000}})
+        );
+        assert_eq!(recorded, Usage { prompt: 3210, completion: 42 });
+    }
+
+    #[test]
+    fn tool_input_becomes_the_arguments_string_in_its_key_order() {
+        // Written out, not built with `json!`, whose objects sort their keys.
+        let (got, _) = completion_of(
+            r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-x","stop_reason":"tool_use",
+            "content":[{"type":"tool_use","id":"toolu_1","name":"f","input": { "z" : 1, "a":{"b":[true, null,"\u00e9\n"]}}}],
+            "usage":{}}"#,
+        );
+        let call = &got["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(call["id"], "toolu_1");
+        assert_eq!(call["function"]["name"], "f");
+        assert_eq!(call["function"]["arguments"], "{\"z\":1,\"a\":{\"b\":[true,null,\"é\\n\"]}}");
+        assert_eq!(got["choices"][0]["message"]["content"], Value::Null);
+    }
+}

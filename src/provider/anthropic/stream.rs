@@ -422,3 +422,165 @@ fn itoa(mut n: u64) -> Digits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Single mappings through the translator, on synthetic events. Every expectation is written
+    //! by hand from WIRE-FORMATS.md §4.3, §9.1, §9.2 and §9.3, not produced by this code.
+
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// Feeds `(event name, data)` pairs; returns the output events (`created` checked and
+    /// removed, `[DONE]` as a string) and the error that ended the stream, if any.
+    fn run(events: &[(&str, Value)], include_usage: bool) -> (Vec<Value>, Option<Error>, Stream) {
+        let mut s = Stream::new(include_usage);
+        let mut out = BytesMut::new();
+        let mut failed = None;
+        for (name, data) in events {
+            let data = data.to_string();
+            let ev = Event { event: name.as_bytes(), data: data.as_bytes(), id: b"" };
+            if let Err(e) = s.event(&ev, &mut out) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        let events = text
+            .split_terminator("\n\n")
+            .map(|e| {
+                let data = e.strip_prefix("data: ").unwrap_or_else(|| panic!("{e:?}"));
+                if data == "[DONE]" {
+                    return Value::String(data.into());
+                }
+                let mut v: Value = serde_json::from_str(data).unwrap_or_else(|err| panic!("{err}: {data}"));
+                let created = v.as_object_mut().unwrap().remove("created").expect("created");
+                assert!(created.is_u64());
+                v
+            })
+            .collect();
+        (events, failed, s)
+    }
+
+    fn start(usage: Value) -> (&'static str, Value) {
+        (
+            "message_start",
+            json!({"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant",
+                "model":"claude-x","content":[],"stop_reason":null,"usage":usage}}),
+        )
+    }
+
+    fn message_delta(stop_reason: &str, usage: Value) -> (&'static str, Value) {
+        (
+            "message_delta",
+            json!({"type":"message_delta","delta":{"stop_reason":stop_reason,"stop_sequence":null},"usage":usage}),
+        )
+    }
+
+    fn stop() -> (&'static str, Value) {
+        ("message_stop", json!({"type":"message_stop"}))
+    }
+
+    /// A chunk as a client that did not ask for usage gets it.
+    fn chunk(delta: Value, finish: Value) -> Value {
+        json!({"id":"msg_1","object":"chat.completion.chunk","model":"claude-x",
+            "choices":[{"index":0,"delta":delta,"logprobs":null,"finish_reason":finish}]})
+    }
+
+    fn role() -> Value {
+        chunk(json!({"role":"assistant","content":""}), Value::Null)
+    }
+
+    #[test]
+    fn stop_reasons_map_to_openai_finish_reasons() {
+        for (stop_reason, finish) in [
+            ("end_turn", "stop"),
+            ("stop_sequence", "stop"),
+            ("max_tokens", "length"),
+            ("tool_use", "tool_calls"),
+            ("refusal", "content_filter"),
+            ("pause_turn", "stop"),
+            ("model_context_window_exceeded", "length"),
+            ("a_reason_added_later", "stop"),
+        ] {
+            let events = [
+                start(json!({"input_tokens":5,"output_tokens":1})),
+                message_delta(stop_reason, json!({"output_tokens":9})),
+                stop(),
+            ];
+            let (got, failed, _) = run(&events, false);
+            assert!(failed.is_none());
+            assert_eq!(got, vec![role(), chunk(json!({}), json!(finish)), json!("[DONE]")], "{stop_reason}");
+        }
+    }
+
+    #[test]
+    fn cache_reads_and_writes_count_as_prompt_tokens_and_reads_as_cached() {
+        let events = [
+            start(
+                json!({"input_tokens":10,"cache_creation_input_tokens":200,"cache_read_input_tokens":3000,"output_tokens":1}),
+            ),
+            message_delta("end_turn", json!({"output_tokens":42})),
+            stop(),
+        ];
+        let (got, _, s) = run(&events, true);
+        let with_usage = |mut c: Value| {
+            c["usage"] = Value::Null;
+            c
+        };
+        assert_eq!(
+            got,
+            vec![
+                with_usage(role()),
+                with_usage(chunk(json!({}), json!("stop"))),
+                json!({"id":"msg_1","object":"chat.completion.chunk","model":"claude-x","choices":[],
+                    "usage":{"prompt_tokens":3210,"completion_tokens":42,"total_tokens":3252,
+                        "prompt_tokens_details":{"cached_tokens":3000}}}),
+                json!("[DONE]"),
+            ]
+        );
+        assert_eq!(s.usage(), Some(Usage { prompt: 3210, completion: 42 }));
+    }
+
+    #[test]
+    fn two_tool_calls_get_indexes_0_and_1_and_the_text_between_takes_none() {
+        let block_start = |i: u64, block: Value| {
+            ("content_block_start", json!({"type":"content_block_start","index":i,"content_block":block}))
+        };
+        let delta =
+            |i: u64, d: Value| ("content_block_delta", json!({"type":"content_block_delta","index":i,"delta":d}));
+        let block_stop = |i: u64| ("content_block_stop", json!({"type":"content_block_stop","index":i}));
+        let events = [
+            start(json!({"input_tokens":5,"output_tokens":1})),
+            block_start(0, json!({"type":"tool_use","id":"toolu_a","name":"get_weather","input":{}})),
+            delta(0, json!({"type":"input_json_delta","partial_json":"{\"city\": "})),
+            delta(0, json!({"type":"input_json_delta","partial_json":"\"Paris\"}"})),
+            block_stop(0),
+            block_start(1, json!({"type":"text","text":""})),
+            delta(1, json!({"type":"text_delta","text":"and "})),
+            block_stop(1),
+            block_start(2, json!({"type":"tool_use","id":"toolu_b","name":"get_time","input":{}})),
+            delta(2, json!({"type":"input_json_delta","partial_json":"{\"tz\":\"CET\"}"})),
+            block_stop(2),
+            message_delta("tool_use", json!({"output_tokens":30})),
+            stop(),
+        ];
+        let (got, _, _) = run(&events, false);
+        let call = |k: u64, id: &str, name: &str| json!({"tool_calls":[{"index":k,"id":id,"type":"function","function":{"name":name,"arguments":""}}]});
+        let args = |k: u64, a: &str| json!({"tool_calls":[{"index":k,"function":{"arguments":a}}]});
+        assert_eq!(
+            got,
+            vec![
+                role(),
+                chunk(call(0, "toolu_a", "get_weather"), Value::Null),
+                chunk(args(0, "{\"city\": "), Value::Null),
+                chunk(args(0, "\"Paris\"}"), Value::Null),
+                chunk(json!({"content":"and "}), Value::Null),
+                chunk(call(1, "toolu_b", "get_time"), Value::Null),
+                chunk(args(1, "{\"tz\":\"CET\"}"), Value::Null),
+                chunk(json!({}), json!("tool_calls")),
+                json!("[DONE]"),
+            ]
+        );
+    }
+}
