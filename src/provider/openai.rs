@@ -31,12 +31,12 @@ const REQUEST_HEADERS: &[&str] =
 /// Upstream response headers forwarded to the client (besides `content-type`, and
 /// `content-length`/`content-encoding` when the body is not rewritten). Request ids for support
 /// tickets, and the rate-limit family: SDKs back off on `retry-after-ms` / `retry-after`, and
-/// clients pace themselves on `x-ratelimit-*`. Never `set-cookie` or anything not listed.
+/// clients pace themselves on `x-ratelimit-*`. Never `set-cookie` or anything not listed, and
+/// not `openai-organization` / `openai-project`: they name the operator's account, which is none
+/// of the client's business.
 const RESPONSE_HEADERS: &[&str] = &[
     "x-request-id",
     "request-id",
-    "openai-organization",
-    "openai-project",
     "openai-processing-ms",
     "openai-version",
     "retry-after",

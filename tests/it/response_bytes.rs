@@ -153,8 +153,6 @@ const FORWARDED_HEADERS: &[(&str, &str)] = &[
     ("x-ratelimit-remaining-tokens", "29999990"),
     ("x-ratelimit-reset-requests", "6ms"),
     ("x-ratelimit-reset-tokens", "0s"),
-    ("openai-organization", "org-example"),
-    ("openai-project", "proj_example"),
     ("openai-processing-ms", "12"),
     ("openai-version", "2020-10-01"),
     ("x-request-id", "req_0123456789abcdef"),
