@@ -110,7 +110,9 @@ struct ErrorDetail {
 }
 
 /// An Anthropic error status and body as the client's OpenAI error. 401/403 mean the provider
-/// rejected the gateway's key: 502, and the body (which may echo key fragments) is dropped.
+/// rejected the gateway's key: 502, and the body (which may echo key fragments) is dropped. A
+/// known Anthropic error type decides the status; a body that is not Anthropic's error JSON (a
+/// proxy's HTML page, an empty body) or a type without a mapping falls back on the status.
 pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return Error::bad_gateway(format!(
@@ -119,7 +121,7 @@ pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
         ));
     }
     let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(body) else {
-        return Error::bad_gateway(format!("Connection `{connection}` answered with status {}.", status.as_u16()));
+        return error_of_status(connection, status, None);
     };
     let message = error.message;
     match error.kind.as_str() {
@@ -133,7 +135,39 @@ pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
         "authentication_error" | "permission_error" => Error::bad_gateway(format!(
             "Connection `{connection}` rejected the gateway's credentials. Check the connection's api_key."
         )),
-        _ => Error::upstream(StatusCode::BAD_GATEWAY, "api_error", message),
+        // `api_error` (Anthropic's internal error) and types added later.
+        _ => error_of_status(connection, status, Some(message).filter(|m| !m.is_empty())),
+    }
+}
+
+/// The error for an upstream status alone, keeping the upstream's message when it gave one:
+/// 529 (Anthropic's overload) is a 503 and 429 stays 429, so clients back off and retry; a
+/// timeout is a 504; 400, 413 and 422 refused the request itself and keep their status; any
+/// other status (a 404 or 405 from a wrong `api_base`, a 5xx) is the upstream failing: 502.
+fn error_of_status(connection: &str, status: StatusCode, message: Option<String>) -> Error {
+    let code = status.as_u16();
+    let said = |fallback: String| message.clone().unwrap_or(fallback);
+    match code {
+        529 => Error::upstream(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            format!(
+                "Anthropic is overloaded: {}",
+                said(format!("connection `{connection}` answered with status 529."))
+            ),
+        ),
+        429 => Error::upstream(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            said(format!("Connection `{connection}` is rate limited by the upstream (status 429).")),
+        ),
+        408 | 504 => Error::timeout(said(format!("Connection `{connection}` timed out upstream (status {code})."))),
+        400 | 413 | 422 => Error::upstream(
+            status,
+            "invalid_request_error",
+            said(format!("Connection `{connection}` refused the request (status {code}).")),
+        ),
+        _ => Error::bad_gateway(said(format!("Connection `{connection}` answered with status {code}."))),
     }
 }
 
@@ -322,6 +356,54 @@ mod tests {
                 "prompt_tokens_details":{"cached_tokens":3000}})
         );
         assert_eq!(recorded, Usage { prompt: 3210, completion: 42 });
+    }
+
+    #[test]
+    fn error_bodies_that_are_not_anthropic_errors_are_mapped_by_their_status() {
+        let html = "<html><body>secret-proxy-page</body></html>";
+        for (status, body, want_status, want_type) in [
+            (529, html, 503, "api_error"),
+            (529, "", 503, "api_error"),
+            (429, html, 429, "rate_limit_error"),
+            (500, html, 502, "api_error"),
+            (503, "", 502, "api_error"),
+            (504, "", 504, "api_error"),
+            (408, "", 504, "api_error"),
+            (400, html, 400, "invalid_request_error"),
+            (413, "", 413, "invalid_request_error"),
+            (404, html, 502, "api_error"),
+            (405, "", 502, "api_error"),
+            (529, r#"{"type":"error","error":{"type":"added_later_error","message":"Busy"}}"#, 503, "api_error"),
+            (
+                429,
+                r#"{"type":"error","error":{"type":"added_later_error","message":"Slow down"}}"#,
+                429,
+                "rate_limit_error",
+            ),
+            (
+                500,
+                r#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#,
+                502,
+                "api_error",
+            ),
+            (502, r#"{"error":"not Anthropic's shape"}"#, 502, "api_error"),
+        ] {
+            let e = error_of("anthropic", StatusCode::from_u16(status).unwrap(), body.as_bytes());
+            let case = format!("{status} {body}");
+            assert_eq!((e.status.as_u16(), e.kind), (want_status, want_type), "{case}");
+            assert!(!e.message.is_empty() && !e.message.contains("secret-proxy-page"), "{case}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn an_unknown_error_type_keeps_the_upstream_message() {
+        let overloaded = br#"{"type":"error","error":{"type":"added_later_error","message":"Busy"}}"#;
+        let e = error_of("anthropic", StatusCode::from_u16(529).unwrap(), overloaded);
+        assert_eq!(e.message, "Anthropic is overloaded: Busy");
+        let internal = br#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#;
+        assert_eq!(error_of("anthropic", StatusCode::INTERNAL_SERVER_ERROR, internal).message, "Internal server error");
+        let e = error_of("anthropic", StatusCode::from_u16(529).unwrap(), b"");
+        assert_eq!(e.message, "Anthropic is overloaded: connection `anthropic` answered with status 529.");
     }
 
     #[test]
