@@ -23,8 +23,10 @@ from __future__ import annotations
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator
+
+from recording_server import RecordingServer
 
 API_KEY = "sk-ant-test"
 
@@ -330,7 +332,6 @@ def check_body(body: Any) -> None:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
         pass
@@ -346,7 +347,7 @@ class Handler(BaseHTTPRequestHandler):
             body: Any = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        self.server.mock.record({"method": "POST", "path": self.path, "headers": headers, "body": body})
+        self.server.owner.record({"method": "POST", "path": self.path, "headers": headers, "body": body})
 
         if self.path.split("?", 1)[0] != "/v1/messages":
             self._send_json(404, error_body("not_found_error", "Not Found"))
@@ -427,52 +428,14 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    mock: "MockAnthropic"
-
-
-class MockAnthropic:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = _Server((host, port), Handler)
-        self._server.mock = self
-        self._thread = threading.Thread(target=self._server.serve_forever, name="mock-anthropic", daemon=True)
-        self._lock = threading.Lock()
-        self._requests: list[dict[str, Any]] = []
-
-    @property
-    def addr(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"{host}:{port}"
+class MockAnthropic(RecordingServer):
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(Handler, "mock-anthropic", port)
 
     @property
     def base_url(self) -> str:
         """Like the Anthropic SDK's base_url: no /v1."""
         return f"http://{self.addr}"
-
-    def start(self) -> "MockAnthropic":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-
-    def record(self, request: dict[str, Any]) -> None:
-        with self._lock:
-            self._requests.append(request)
-
-    @property
-    def requests(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self._requests)
-
-    @property
-    def last_request(self) -> dict[str, Any]:
-        with self._lock:
-            assert self._requests, "the mock Anthropic upstream received no request"
-            return self._requests[-1]
 
 
 if __name__ == "__main__":  # manual use: python3 tests/e2e/anthropic_upstream.py

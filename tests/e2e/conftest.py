@@ -193,20 +193,25 @@ def gateway(upstream: LmgateProcess, tmp_path_factory: pytest.TempPathFactory):
     yield from start_process("lmgate-serve", ["serve", "--config", str(config), "--env", ""], workdir)
 
 
+def sdk_client(base_url: str, api_key: str) -> openai.OpenAI:
+    """The official SDK client as a user would make it, bounded in time and never retrying."""
+    return openai.OpenAI(
+        base_url=base_url,
+        api_key=api_key,
+        timeout=CLIENT_TIMEOUT_SECS,
+        max_retries=0,
+        # Ignore proxy variables of the environment: the gateway is on loopback.
+        http_client=openai.DefaultHttpxClient(timeout=CLIENT_TIMEOUT_SECS, trust_env=False),
+    )
+
+
 @pytest.fixture(scope="session")
 def make_client(gateway: LmgateProcess):
     """Returns an `openai.OpenAI` factory for the gateway: one virtual key per client."""
     clients: list[openai.OpenAI] = []
 
     def make(api_key: str = TEST_KEY) -> openai.OpenAI:
-        client = openai.OpenAI(
-            base_url=gateway.base_url,
-            api_key=api_key,
-            timeout=CLIENT_TIMEOUT_SECS,
-            max_retries=0,
-            # Ignore proxy variables of the environment: the gateway is on loopback.
-            http_client=openai.DefaultHttpxClient(timeout=CLIENT_TIMEOUT_SECS, trust_env=False),
-        )
+        client = sdk_client(gateway.base_url, api_key)
         clients.append(client)
         return client
 

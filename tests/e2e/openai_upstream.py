@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from recording_server import RecordingServer
 
 ANSWER = "Hello from the recording upstream."
 PROMPT_TOKENS = 9
@@ -61,7 +62,6 @@ def _chunks(model: str, include_usage: bool) -> list[dict[str, Any]]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
 
     def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
         pass
@@ -88,7 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _record(self, body: Any) -> None:
         headers = {name.lower(): value for name, value in self.headers.items()}
-        self.server.upstream.record({"method": self.command, "path": self.path, "headers": headers, "body": body})
+        self.server.owner.record({"method": self.command, "path": self.path, "headers": headers, "body": body})
 
     def _send_json(self, status: int, body: dict[str, Any]) -> None:
         self._send(status, "application/json", json.dumps(body).encode())
@@ -101,38 +101,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    upstream: "RecordingOpenAI"
-
-
-class RecordingOpenAI:
+class RecordingOpenAI(RecordingServer):
     def __init__(self) -> None:
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.upstream = self
-        self._thread = threading.Thread(target=self._server.serve_forever, name="recording-openai", daemon=True)
-        self._lock = threading.Lock()
-        self._requests: list[dict[str, Any]] = []
+        super().__init__(_Handler, "recording-openai")
 
     @property
     def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def start(self) -> "RecordingOpenAI":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-
-    def record(self, request: dict[str, Any]) -> None:
-        with self._lock:
-            self._requests.append(request)
-
-    @property
-    def requests(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self._requests)
+        return f"http://{self.addr}/v1"

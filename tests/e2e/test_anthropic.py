@@ -19,7 +19,7 @@ import pytest
 
 import anthropic_upstream as up
 from anthropic_upstream import MockAnthropic
-from conftest import CLIENT_TIMEOUT_SECS, TEST_KEY, LmgateProcess, start_process
+from conftest import CLIENT_TIMEOUT_SECS, TEST_KEY, LmgateProcess, sdk_client, start_process
 
 BAD_KEY_MODEL = "claude-badkey"
 WRONG_UPSTREAM_KEY = "sk-ant-wrong"
@@ -104,13 +104,7 @@ def anthropic_gateway(mock_anthropic: MockAnthropic, tmp_path_factory: pytest.Te
 
 @pytest.fixture(scope="module")
 def client(anthropic_gateway: LmgateProcess) -> Iterator[openai.OpenAI]:
-    client = openai.OpenAI(
-        base_url=anthropic_gateway.base_url,
-        api_key=TEST_KEY,
-        timeout=CLIENT_TIMEOUT_SECS,
-        max_retries=0,
-        http_client=openai.DefaultHttpxClient(timeout=CLIENT_TIMEOUT_SECS, trust_env=False),
-    )
+    client = sdk_client(anthropic_gateway.base_url, TEST_KEY)
     yield client
     client.close()
 

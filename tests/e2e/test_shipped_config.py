@@ -20,7 +20,7 @@ import openai
 import pytest
 
 import openai_upstream as up
-from conftest import CLIENT_TIMEOUT_SECS, LmgateProcess, lmgate_bin, start_process
+from conftest import LmgateProcess, lmgate_bin, sdk_client, start_process
 from openai_upstream import RecordingOpenAI
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config.toml"
@@ -183,13 +183,7 @@ def shipped_gateway(openai_upstream: RecordingOpenAI, tmp_path_factory: pytest.T
 @pytest.fixture(scope="module")
 def client(shipped_gateway: LmgateProcess) -> Iterator[openai.OpenAI]:
     # The shipped config names no client keys: the gateway is open and ignores this one.
-    client = openai.OpenAI(
-        base_url=shipped_gateway.base_url,
-        api_key="sk-client-any",
-        timeout=CLIENT_TIMEOUT_SECS,
-        max_retries=0,
-        http_client=openai.DefaultHttpxClient(timeout=CLIENT_TIMEOUT_SECS, trust_env=False),
-    )
+    client = sdk_client(shipped_gateway.base_url, "sk-client-any")
     yield client
     client.close()
 

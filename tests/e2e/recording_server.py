@@ -1,0 +1,57 @@
+"""A threaded HTTP server on 127.0.0.1 that records what it receives: the scaffolding shared by
+the scripted upstreams of the end-to-end tests (openai_upstream.py, anthropic_upstream.py).
+
+A handler records a request with ``self.server.owner.record({...})``; tests read
+``requests`` / ``last_request``.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: "RecordingServer"
+
+
+class RecordingServer:
+    """Serves ``handler`` on 127.0.0.1 (port 0 unless given) in a daemon thread."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], name: str, port: int = 0) -> None:
+        self._server = _Server(("127.0.0.1", port), handler)
+        self._server.owner = self
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
+        self._lock = threading.Lock()
+        self._requests: list[dict[str, Any]] = []
+
+    @property
+    def addr(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"{host}:{port}"
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def record(self, request: dict[str, Any]) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def last_request(self) -> dict[str, Any]:
+        with self._lock:
+            assert self._requests, f"{self._thread.name} received no request"
+            return self._requests[-1]
