@@ -49,7 +49,9 @@ struct Tokens {
 }
 
 impl Tokens {
-    /// Reads a usage object; fields that are absent or null keep their value.
+    /// Reads a usage object; fields that are absent or null keep their value. `text` is part of
+    /// an event already validated, so the only failure is a usage that is not an object (say
+    /// `null`): no tokens to read, nothing lost.
     fn read(&mut self, text: &[u8]) {
         let _ = json::members(text, |k, v| {
             let n = json::u64_of(&text[v]);
@@ -135,6 +137,7 @@ impl Stream {
     }
 
     fn message_start(&mut self, data: &[u8], out: &mut BytesMut) {
+        // A message that is not an object leaves the defaults: it carries no content.
         let mut message = None;
         let _ = json::members(data, |k, v| {
             if key_is(k, b"message") {
@@ -159,9 +162,16 @@ impl Stream {
         self.chunk(out, &[b"{\"role\":\"assistant\",\"content\":\"\"}"], None);
     }
 
-    fn block_start(&mut self, data: &[u8], out: &mut BytesMut) {
+    fn block_start(&mut self, data: &[u8], out: &mut BytesMut) -> Result<(), Error> {
         let (index, block) = index_and(data, b"content_block");
-        let (Some(index), Some(block)) = (index, block) else { return };
+        let (Some(index), Some(block)) = (index, block) else {
+            return Err(malformed("content_block_start", "no `index` or `content_block`"));
+        };
+        // The index comes from the upstream: bounded, so a broken stream cannot make us
+        // allocate without limit (found by fuzzing).
+        if index >= MAX_BLOCKS {
+            return Err(malformed("content_block_start", "a block index past the gateway's bound"));
+        }
         let b = &data[block];
         let f = fields(b, &[b"type", b"text", b"id", b"name", b"thinking"]);
         let kind = match f[0].clone().map(|r| &b[r]) {
@@ -199,29 +209,40 @@ impl Stream {
             }
             _ => Block::Other,
         };
-        // The index comes from the upstream: bounded, so a broken stream cannot make us
-        // allocate without limit (found by fuzzing). Blocks past the bound are ignored.
-        if index < MAX_BLOCKS {
-            if self.blocks.len() <= index {
-                self.blocks.resize(index + 1, Block::Other);
-            }
-            self.blocks[index] = kind;
+        if self.blocks.len() <= index {
+            self.blocks.resize(index + 1, Block::Other);
         }
+        self.blocks[index] = kind;
+        Ok(())
     }
 
-    fn block_delta(&mut self, data: &[u8], out: &mut BytesMut) {
+    fn block_delta(&mut self, data: &[u8], out: &mut BytesMut) -> Result<(), Error> {
+        const EVENT: &str = "content_block_delta";
         let (index, delta) = index_and(data, b"delta");
-        let (Some(index), Some(delta)) = (index, delta) else { return };
+        let (Some(index), Some(delta)) = (index, delta) else {
+            return Err(malformed(EVENT, "no `index` or `delta`"));
+        };
         let d = &data[delta];
         let f = fields(d, &[b"type", b"text", b"partial_json", b"thinking"]);
-        let Some(kind) = f[0].clone().map(|r| &d[r]) else { return };
-        let value = |i: usize| f[i].clone().map(|r| &d[r]).filter(|t| !empty_str(t));
+        let Some(kind) = f[0].clone().map(|r| &d[r]) else {
+            return Err(malformed(EVENT, "a delta without a `type`"));
+        };
+        // The fragment of a delta kind we map must be a string: anything else would lose the
+        // fragment or hand the client a chunk of the wrong shape.
+        let value = |i: usize, name: &'static str| match f[i].clone().map(|r| &d[r]) {
+            Some(t) if t.first() == Some(&b'"') => Ok((!empty_str(t)).then_some(t)),
+            _ => Err(malformed(EVENT, name)),
+        };
         if str_is(kind, b"text_delta") {
-            if let Some(t) = value(1) {
+            if let Some(t) = value(1, "a text_delta without a string `text`")? {
                 self.chunk(out, &[b"{\"content\":", t, b"}"], None);
             }
         } else if str_is(kind, b"input_json_delta") {
-            if let (Some(t), Some(Block::Tool { k, args })) = (value(2), self.blocks.get_mut(index)) {
+            let t = value(2, "an input_json_delta without a string `partial_json`")?;
+            let Some(Block::Tool { k, args }) = self.blocks.get_mut(index) else {
+                return Err(malformed(EVENT, "an input_json_delta for a block that is not a tool_use"));
+            };
+            if let Some(t) = t {
                 *args = true;
                 let k = *k;
                 self.chunk(
@@ -237,11 +258,12 @@ impl Stream {
                 );
             }
         } else if str_is(kind, b"thinking_delta") {
-            if let Some(t) = value(3) {
+            if let Some(t) = value(3, "a thinking_delta without a string `thinking`")? {
                 self.chunk(out, &[b"{\"reasoning_content\":", t, b"}"], None);
             }
         }
         // signature_delta, citations_delta and future kinds: nothing for an OpenAI client.
+        Ok(())
     }
 
     fn block_stop(&mut self, data: &[u8], out: &mut BytesMut) {
@@ -303,29 +325,54 @@ impl Translate for Stream {
             self.done = true;
             return Err(Error::bad_gateway("The upstream sent a stream event that is not UTF-8."));
         }
+        // Every event's data is one JSON object: validated whole here, once, so the handlers'
+        // reads of its parts cannot meet broken JSON. A malformed event would otherwise be
+        // skipped, and the text in it lost without the client knowing.
+        let mut kind = None;
+        if let Err(e) = json::members(data, |k, v| {
+            if kind.is_none() && key_is(k, b"type") {
+                kind = Some(v);
+            }
+            true
+        }) {
+            self.done = true;
+            return Err(Error::bad_gateway(format!(
+                "The upstream sent a stream event that is not a JSON object: {e}."
+            )));
+        }
         // The event name equals the JSON `type`; fall back to the JSON when a proxy dropped it.
-        let name: &[u8] = match (ev.event, fields(data, &[b"type"])[0].clone()) {
+        let name: &[u8] = match (ev.event, kind) {
             (name, _) if !name.is_empty() => name,
-            (_, Some(r)) if r.len() >= 2 => &data[r.start + 1..r.end - 1],
+            (_, Some(r)) if r.len() >= 2 && data[r.start] == b'"' => &data[r.start + 1..r.end - 1],
             _ => b"",
         };
-        match name {
-            b"message_start" => self.message_start(data, out),
+        let handled = match name {
+            b"message_start" => {
+                self.message_start(data, out);
+                Ok(())
+            }
             b"content_block_start" => self.block_start(data, out),
             b"content_block_delta" => self.block_delta(data, out),
-            b"content_block_stop" => self.block_stop(data, out),
-            b"message_delta" => self.message_delta(data, out),
+            b"content_block_stop" => {
+                self.block_stop(data, out);
+                Ok(())
+            }
+            b"message_delta" => {
+                self.message_delta(data, out);
+                Ok(())
+            }
             b"message_stop" => {
                 out.put_slice(b"data: [DONE]\n\n");
                 self.done = true;
+                Ok(())
             }
-            b"error" => {
-                self.done = true;
-                return Err(stream_error(data));
-            }
-            _ => {} // ping and event types added later
+            b"error" => Err(stream_error(data)),
+            _ => Ok(()), // ping and event types added later
+        };
+        if handled.is_err() {
+            self.done = true;
         }
-        Ok(())
+        handled
     }
 
     fn done(&self) -> bool {
@@ -353,6 +400,12 @@ fn stream_error(data: &[u8]) -> Error {
     Error::in_stream(super::known_error_type(&kind), message)
 }
 
+/// An event of a kind we map whose shape is wrong: the stream cannot go on without losing
+/// content, so it ends with this error.
+fn malformed(event: &str, what: &str) -> Error {
+    Error::bad_gateway(format!("The upstream sent a malformed `{event}` event: {what}."))
+}
+
 /// OpenAI finish_reason for an Anthropic stop_reason (WIRE-FORMATS.md §9.1); unknown → stop.
 pub fn finish_reason(reason: &[u8]) -> &'static str {
     match reason {
@@ -376,7 +429,9 @@ fn empty_str(token: &[u8]) -> bool {
     token == b"\"\""
 }
 
-/// The ranges of the named top-level members of a JSON object (first occurrence each).
+/// The ranges of the named top-level members of a JSON object (first occurrence each). `text`
+/// is part of an event validated whole, so the only failure is a value that is not an object:
+/// every member is then absent, which callers treat as such.
 fn fields<const N: usize>(text: &[u8], names: &[&[u8]; N]) -> [Option<Range<usize>>; N] {
     let mut out: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
     let _ = json::members(text, |k, v| {
@@ -434,11 +489,16 @@ mod tests {
     /// Feeds `(event name, data)` pairs; returns the output events (`created` checked and
     /// removed, `[DONE]` as a string) and the error that ended the stream, if any.
     fn run(events: &[(&str, Value)], include_usage: bool) -> (Vec<Value>, Option<Error>, Stream) {
+        let raw: Vec<(&str, String)> = events.iter().map(|(n, d)| (*n, d.to_string())).collect();
+        run_raw(&raw, include_usage)
+    }
+
+    /// [`run`] with the data as text, which need not be JSON.
+    fn run_raw(events: &[(&str, String)], include_usage: bool) -> (Vec<Value>, Option<Error>, Stream) {
         let mut s = Stream::new(include_usage);
         let mut out = BytesMut::new();
         let mut failed = None;
         for (name, data) in events {
-            let data = data.to_string();
             let ev = Event { event: name.as_bytes(), data: data.as_bytes(), id: b"" };
             if let Err(e) = s.event(&ev, &mut out) {
                 failed = Some(e);
@@ -582,5 +642,66 @@ mod tests {
                 json!("[DONE]"),
             ]
         );
+    }
+
+    #[test]
+    fn a_malformed_event_ends_the_stream_with_an_error_instead_of_being_skipped() {
+        let text_block = r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#;
+        let tool_block = r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"t","name":"f","input":{}}}"#;
+        let first = r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"kept"}}"#;
+        for (name, bad) in [
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"lost"#,
+            ),
+            ("content_block_delta", "this is not JSON"),
+            ("", r#"["content_block_delta"]"#),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":5}}"#,
+            ),
+            ("content_block_delta", r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta"}}"#),
+            ("content_block_delta", r#"{"type":"content_block_delta","delta":{"type":"text_delta","text":"lost"}}"#),
+            ("content_block_delta", r#"{"type":"content_block_delta","index":0,"delta":"text_delta"}"#),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{}"}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":{}}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"thinking_delta","thinking":null}}"#,
+            ),
+            ("content_block_start", r#"{"type":"content_block_start","index":2}"#),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":5000,"content_block":{"type":"text","text":""}}"#,
+            ),
+        ] {
+            let events = [
+                ("message_start", start(json!({"input_tokens":5,"output_tokens":1})).1.to_string()),
+                ("content_block_start", text_block.to_owned()),
+                ("content_block_start", tool_block.to_owned()),
+                ("content_block_delta", first.to_owned()),
+                (name, bad.to_owned()),
+                ("content_block_delta", first.to_owned()),
+                ("message_stop", r#"{"type":"message_stop"}"#.to_owned()),
+            ];
+            let (got, failed, s) = run_raw(&events, false);
+            let e = failed.unwrap_or_else(|| panic!("accepted {bad}"));
+            assert_eq!((e.status.as_u16(), e.code), (502, Some("upstream_error")), "{bad}");
+            assert!(s.done(), "{bad}");
+            // What came before the bad event went out; nothing after it, and no [DONE].
+            let call =
+                json!({"tool_calls":[{"index":0,"id":"t","type":"function","function":{"name":"f","arguments":""}}]});
+            assert_eq!(
+                got,
+                vec![role(), chunk(call, Value::Null), chunk(json!({"content":"kept"}), Value::Null)],
+                "{bad}"
+            );
+        }
     }
 }
