@@ -16,6 +16,7 @@ mod validation;
 // Translation: hand-written expectations, and zero allocations per event.
 mod alloc;
 mod anthropic;
+mod anthropic_failure;
 /// A global allocator that counts this thread's allocations while `count` runs.
 pub mod counting {
     use std::alloc::{GlobalAlloc, Layout, System};
