@@ -9,7 +9,9 @@
 //! `max_completion_tokens`, else the connection's default (Anthropic requires one); `stop` →
 //! `stop_sequences`; `user` → `metadata.user_id`; tools → `input_schema`; `tool_choice` and
 //! `parallel_tool_calls` → `tool_choice`. Parameters Anthropic cannot honour are a 400 naming
-//! the parameter when their value matters, and are accepted when their value is a no-op.
+//! the parameter when their value matters, and are accepted when their value is a no-op. The
+//! deprecated `functions` / `function_call` are such parameters (use `tools` / `tool_choice`):
+//! translated, they would come back as `tool_calls`, not the `function_call` their client reads.
 //!
 //! Requests are parsed fully here, with simd-json on a reused scratch copy
 //! ([`json::with_scratch`]): translation needs the whole tree anyway, and a request is parsed
@@ -65,6 +67,10 @@ struct ChatRequest<'a> {
     modalities: Option<Vec<String>>,
     prediction: Option<Raw>,
     reasoning_effort: Option<String>,
+    // The legacy function-calling API: refused rather than translated, since its answer shape
+    // (`message.function_call`) is not what a translated tool call comes back as.
+    functions: Option<Raw>,
+    function_call: Option<Raw>,
 }
 
 #[derive(Deserialize)]
@@ -380,6 +386,19 @@ fn reject_unsupported(r: &ChatRequest) -> Result<(), Error> {
     if present(r.prediction.as_ref()) {
         return Err(unsupported("prediction"));
     }
+    if r.functions.as_ref().is_some_and(|f| f.0 != b"[]") {
+        return Err(bad(
+            "functions",
+            "`functions` (the deprecated function-calling API) is not supported for Anthropic models; use `tools`.",
+        ));
+    }
+    // Without functions, `auto` and `none` choose nothing; naming a function names one that is not there.
+    if r.function_call.as_ref().is_some_and(|c| !matches!(&c.0[..], b"\"auto\"" | b"\"none\"")) {
+        return Err(bad(
+            "function_call",
+            "`function_call` (the deprecated function-calling API) is not supported for Anthropic models; use `tool_choice`.",
+        ));
+    }
     if r.reasoning_effort.is_some() {
         return Err(bad("reasoning_effort", "`reasoning_effort` is not mapped to Anthropic thinking yet."));
     }
@@ -633,6 +652,8 @@ mod tests {
             ("response_format", json!({"type":"json_object"})),
             ("seed", json!(1)),
             ("reasoning_effort", json!("high")),
+            ("functions", json!([{"name":"f","parameters":{"type":"object","properties":{}}}])),
+            ("function_call", json!({"name":"f"})),
         ] {
             let mut req = json!({"model":"m","messages":msgs});
             req[k] = v;
@@ -647,7 +668,8 @@ mod tests {
             );
             assert_eq!(e.status, 400);
         }
-        let ok = json!({"model":"m","messages":msgs,"n":1,"logprobs":false,"presence_penalty":0.0,"logit_bias":{},"response_format":{"type":"text"}});
+        let ok = json!({"model":"m","messages":msgs,"n":1,"logprobs":false,"presence_penalty":0.0,"logit_bias":{},"response_format":{"type":"text"},
+            "functions":[],"function_call":"auto"});
         assert!(translate(ok.to_string().as_bytes(), "c", 10).is_ok());
     }
 
