@@ -9,17 +9,70 @@
 use crate::body::Body;
 use crate::config::{ConfigError, Connection};
 use crate::error::Error;
+use http::Uri;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{capture_connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// A pooled upstream client.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type HttpClient = Client<TimedConnect<HttpsConnector<HttpConnector>>, Body>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A connector whose whole connect — TCP, then the TLS handshake — must finish within `timeout`.
+/// `HttpConnector`'s own timeout covers TCP only, and an upstream that accepts TCP and then stalls
+/// the handshake is as unreachable as one that drops SYNs. The bound sits on the connector, so it
+/// costs one boxed future per new connection and nothing per request on a pooled one.
+#[derive(Clone)]
+pub struct TimedConnect<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+/// The connect phase did not finish within the connection's `connect_timeout`.
+#[derive(Debug)]
+struct ConnectTimeout(Duration);
+
+impl std::fmt::Display for ConnectTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TCP connect and TLS handshake did not finish within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for ConnectTimeout {}
+
+impl<C> tower_service::Service<Uri> for TimedConnect<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (connect, limit) = (self.inner.call(uri), self.timeout);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connect).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(ConnectTimeout(limit).into()),
+            }
+        })
+    }
+}
 
 /// How long an unused pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -59,6 +112,7 @@ pub fn build(conn: &Connection) -> Result<HttpClient, ConfigError> {
         builder.enable_http1().wrap_connector(http)
     };
 
+    let https = TimedConnect { inner: https, timeout: conn.timeouts.connect };
     let plain_h2 = conn.http2 && conn.urls.as_ref().is_some_and(|u| u.chat.scheme_str() == Some("http"));
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
@@ -70,46 +124,27 @@ pub fn build(conn: &Connection) -> Result<HttpClient, ConfigError> {
 
 /// Sends `req` to `conn`'s upstream and waits for the response head.
 ///
-/// Two bounds: `connect_timeout` until a connection is ready to carry the request (TCP connect,
-/// TLS handshake and, for h2, the HTTP/2 handshake: an upstream that accepts TCP and then stalls
-/// the handshake is as unreachable as one that drops SYNs, so it is a 502 too), and
-/// `header_timeout` from the start until the response head arrives (504). The connector's own
-/// timeout only covers TCP connect, so the connect phase is watched from here: hyper-util reports
-/// the moment a pooled or new connection is handed to the request. Failures name the connection,
-/// never a key.
+/// Two bounds: `connect_timeout` on a new connection (TCP connect and TLS handshake, in
+/// [`TimedConnect`]: 502), and `header_timeout` from the start until the response head arrives
+/// (504). Failures name the connection, never a key.
 pub async fn send(
     client: &HttpClient,
     conn: &Connection,
-    mut req: http::Request<Body>,
+    req: http::Request<Body>,
 ) -> Result<http::Response<hyper::body::Incoming>, Error> {
-    let header_deadline = tokio::time::Instant::now() + conn.timeouts.header;
-    let mut connected = capture_connection(&mut req);
-    let response = tokio::time::timeout_at(header_deadline, client.request(req));
-    tokio::pin!(response);
-    let connect = tokio::time::timeout(conn.timeouts.connect, async {
-        // Resolves with `None` when the request failed before connecting; the response future
-        // then has the error, so only the timer firing counts here.
-        if connected.wait_for_connection_metadata().await.is_none() {
-            std::future::pending::<()>().await;
-        }
-    });
-    let result = tokio::select! {
-        biased;
-        r = &mut response => r,
-        c = connect => match c {
-            Ok(()) => response.await,
-            Err(_) => {
-                return Err(Error::bad_gateway(format!(
-                    "Could not connect to connection `{}` within {:?} (TCP and TLS).",
-                    conn.name, conn.timeouts.connect
-                )))
-            }
-        },
-    };
+    let result = tokio::time::timeout(conn.timeouts.header, client.request(req)).await;
     match result {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) if e.is_connect() => {
-            Err(Error::bad_gateway(format!("Could not connect to connection `{}`.", conn.name)))
+            let timed_out = std::error::Error::source(&e).is_some_and(|s| s.is::<ConnectTimeout>());
+            Err(Error::bad_gateway(if timed_out {
+                format!(
+                    "Could not connect to connection `{}` within {:?} (TCP connect and TLS handshake).",
+                    conn.name, conn.timeouts.connect
+                )
+            } else {
+                format!("Could not connect to connection `{}`.", conn.name)
+            }))
         }
         Ok(Err(_)) => Err(Error::bad_gateway(format!(
             "Connection `{}`: the upstream closed the connection before answering.",
