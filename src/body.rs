@@ -166,6 +166,8 @@ pub struct SseState {
     /// The partial event grew past [`MAX_HELD_EVENT`]; it is forwarded without inspection.
     oversized: bool,
     strip_usage: bool,
+    /// The last complete event was removed (so is the LF that may finish its CRLF).
+    last_removed: bool,
     scratch: Vec<u8>,
 }
 
@@ -181,6 +183,7 @@ impl Mode {
             partial: BytesMut::new(),
             oversized: false,
             strip_usage,
+            last_removed: false,
             scratch: Vec::new(),
         })
     }
@@ -251,7 +254,15 @@ impl SseState {
     fn feed(&mut self, data: Bytes, queue: &mut VecDeque<Bytes>, usage: &mut Option<Usage>) {
         let mut emit_from = 0; // start of bytes of `data` not yet queued
         let mut from = 0;
+        // The LF of a CRLF that closed the last event of the previous chunk belongs to that
+        // event: it goes where the event went (to the client, or away with a removed event),
+        // whatever becomes of the event after it.
+        if self.partial.is_empty() && !self.oversized && self.splitter.continues_line_end(&data) {
+            from = 1;
+            emit_from = usize::from(self.last_removed);
+        }
         while let Some(end) = self.splitter.next_end(&data, from) {
+            self.last_removed = false;
             if self.oversized {
                 // The rest of an event too large to inspect: forward it.
                 self.oversized = false;
@@ -260,6 +271,8 @@ impl SseState {
                 let event = self.partial.split().freeze();
                 if self.keep(&event, usage) {
                     queue.push_back(event);
+                } else {
+                    self.last_removed = true;
                 }
                 emit_from = end;
             } else if !self.keep(&data[from..end], usage) {
@@ -267,6 +280,7 @@ impl SseState {
                     queue.push_back(data.slice(emit_from..from));
                 }
                 emit_from = end;
+                self.last_removed = true;
             }
             from = end;
         }
@@ -554,6 +568,27 @@ data: [DONE]\n\n";
             let (out, usage) = run(STREAM, step, true);
             assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want), "step {step}");
             assert_eq!(usage, Some(Usage { prompt: 3, completion: 5 }));
+        }
+    }
+
+    #[test]
+    fn removing_the_usage_event_keeps_the_lf_of_a_crlf_split_from_its_cr() {
+        let stream = String::from_utf8_lossy(STREAM).replace('\n', "\r\n");
+        let stream = stream.as_bytes();
+        let first_end = stream.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let want: Vec<u8> = [&stream[..first_end], &b"data: [DONE]\r\n\r\n"[..]].concat();
+        for step in 1..stream.len() {
+            let (out, _) = run(stream, step, true);
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want), "step {step}");
+        }
+        // Two chunks split at every point, among them between the CR and LF that end event one.
+        for cut in 1..stream.len() {
+            let Mode::Sse(mut s) = Mode::sse(true) else { unreachable!() };
+            let (mut q, mut usage) = (VecDeque::new(), None);
+            s.feed(Bytes::copy_from_slice(&stream[..cut]), &mut q, &mut usage);
+            s.feed(Bytes::copy_from_slice(&stream[cut..]), &mut q, &mut usage);
+            let out: Vec<u8> = q.iter().flat_map(|b| b.iter().copied()).collect();
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want), "cut {cut}");
         }
     }
 

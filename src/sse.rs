@@ -34,6 +34,17 @@ impl Default for Splitter {
 }
 
 impl Splitter {
+    /// Whether `chunk` starts with the LF of a CRLF whose CR ended the previous chunk; if so that
+    /// LF is consumed here (call before [`Splitter::next_end`] on the chunk, then scan from 1).
+    /// Lets a caller that dropped nothing count that LF with the line end it finishes.
+    pub fn continues_line_end(&mut self, chunk: &[u8]) -> bool {
+        let continues = self.after_cr && chunk.first() == Some(&b'\n');
+        if continues {
+            self.after_cr = false;
+        }
+        continues
+    }
+
     /// Scans `chunk[from..]` and returns the offset just past the next event's terminating blank
     /// line (its LF included when a CRLF ends it in this chunk), or `None` when the chunk ends
     /// first. Every byte up to the returned offset (or the whole chunk) is consumed: call again
