@@ -17,7 +17,7 @@
 
 use crate::error::Error;
 use crate::json::{self, Usage};
-use crate::provider::Translate;
+use crate::provider::{Framing, Translate};
 use crate::record::{Outcome, Record};
 use crate::sse;
 use bytes::{Bytes, BytesMut};
@@ -111,17 +111,39 @@ pub enum Mode {
     Translate(Box<Translating>),
 }
 
-/// Translation state: the SSE decoder, the provider's translator, the reused output buffer.
+/// Translation state: the decoder the provider's framing needs, the provider's translator, the
+/// reused output buffer.
 pub struct Translating {
-    decoder: sse::Decoder,
+    decoder: Decoder,
     translator: Box<dyn Translate>,
     out: BytesMut,
 }
 
+/// The upstream stream's decoder, by [`Framing`].
+enum Decoder {
+    Sse(sse::Decoder),
+    Lines(sse::LineDecoder),
+}
+
+impl Decoder {
+    /// Decodes `chunk`, handing each complete event (an NDJSON line as an event's `data`) on.
+    fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(sse::Event<'_>)) -> Result<(), sse::TooLarge> {
+        match self {
+            Decoder::Sse(d) => d.feed(chunk, on_event),
+            Decoder::Lines(d) => d.feed(chunk, |line| on_event(sse::Event { event: b"", data: line, id: b"" })),
+        }
+    }
+}
+
 impl Translating {
-    /// Translation of one response stream by `translator`.
+    /// Translation of one response stream by `translator`; events larger than
+    /// [`MAX_HELD_EVENT`] end the stream with an error.
     pub fn new(translator: Box<dyn Translate>) -> Self {
-        Translating { decoder: sse::Decoder::new(MAX_HELD_EVENT), translator, out: BytesMut::with_capacity(4096) }
+        let decoder = match translator.framing() {
+            Framing::Sse => Decoder::Sse(sse::Decoder::new(MAX_HELD_EVENT)),
+            Framing::Ndjson => Decoder::Lines(sse::LineDecoder::new(MAX_HELD_EVENT)),
+        };
+        Translating { decoder, translator, out: BytesMut::with_capacity(4096) }
     }
 
     /// Decodes one upstream chunk and translates its events; what they produce is queued as
@@ -589,6 +611,56 @@ data: [DONE]\n\n";
             s.feed(Bytes::copy_from_slice(&stream[cut..]), &mut q, &mut usage);
             let out: Vec<u8> = q.iter().flat_map(|b| b.iter().copied()).collect();
             assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want), "cut {cut}");
+        }
+    }
+
+    /// Echoes each event's data as a content chunk; `[DONE]` on a `{"done":true}` document.
+    struct Echo(Framing, bool);
+
+    impl Translate for Echo {
+        fn framing(&self) -> Framing {
+            self.0
+        }
+        fn event(&mut self, ev: &sse::Event<'_>, out: &mut BytesMut) -> Result<(), Error> {
+            if ev.data == b"{\"done\":true}" {
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                self.1 = true;
+            } else {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(ev.data);
+                out.extend_from_slice(b"\n\n");
+            }
+            Ok(())
+        }
+        fn done(&self) -> bool {
+            self.1
+        }
+        fn usage(&self) -> Option<Usage> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_translator_gets_events_in_its_framing_at_every_chunking() {
+        let want = "data: {\"a\":1}\n\ndata: {\"b\":\"x\\ny\"}\n\ndata: [DONE]\n\n";
+        let inputs = [
+            (Framing::Ndjson, "{\"a\":1}\n\n{\"b\":\"x\\ny\"}\r\n{\"done\":true}\n"),
+            (
+                Framing::Sse,
+                "event: a\ndata: {\"a\":1}\n\n: ping\n\ndata: {\"b\":\"x\\ny\"}\r\n\r\ndata: {\"done\":true}\n\n",
+            ),
+        ];
+        for (framing, input) in inputs {
+            for step in 1..=input.len() {
+                let mut t = Translating::new(Box::new(Echo(framing, false)));
+                let mut q = VecDeque::new();
+                for c in input.as_bytes().chunks(step) {
+                    t.feed(c, "test", &mut q).unwrap_or_else(|e| panic!("{framing:?} step {step}: {}", e.message));
+                }
+                let out: Vec<u8> = q.iter().flat_map(|b| b.iter().copied()).collect();
+                assert_eq!(String::from_utf8_lossy(&out), want, "{framing:?} step {step}");
+                assert!(t.done());
+            }
         }
     }
 

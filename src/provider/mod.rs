@@ -11,7 +11,9 @@
 //!
 //! [`Translate`] is the one trait for stream rewriting: one object per response holds the
 //! provider-specific state (ids, tool-call index map, usage) and appends OpenAI SSE bytes to the
-//! body's reused buffer. A new provider is one file implementing it plus its fixtures.
+//! body's reused buffer, and says how its upstream frames events ([`Framing`]: SSE, or NDJSON
+//! lines for Ollama-style streams), so the body drives the right decoder. A new provider is one
+//! file implementing it plus its fixtures.
 
 pub mod anthropic;
 pub mod mock;
@@ -28,8 +30,23 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTI
 use http::{Request, Uri};
 use std::time::Duration;
 
+/// How a provider frames the events of its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Server-sent events (Anthropic, OpenAI, Gemini's `alt=sse`, Cohere v2).
+    Sse,
+    /// One JSON document per line (Ollama): each non-blank line reaches
+    /// [`Translate::event`] as an event with that line as its `data` and empty `event` and `id`.
+    Ndjson,
+}
+
 /// Rewrites one provider response stream into OpenAI `chat.completion.chunk` SSE.
 pub trait Translate: Send {
+    /// How the upstream stream is framed; the body picks its decoder by it.
+    fn framing(&self) -> Framing {
+        Framing::Sse
+    }
+
     /// Translates one decoded upstream event, appending OpenAI SSE bytes to `out`. An error the
     /// upstream reported in the stream comes back as `Err`; the body sends it as the final
     /// event. Events after the end are ignored.
