@@ -244,3 +244,32 @@ async fn models_hide_routes_to_disabled_connections_and_decode_escaped_ids() {
     let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"off-1"}"#)).await;
     assert_eq!(resp.openai_error(503)["code"], "connection_unavailable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_models_limit_a_group_and_ignore_wildcards_hides_patterns_from_the_list() {
+    let gw = Gateway::start(
+        "[server]\nmodel_listing_mode = \"ignore_wildcards\"\n\n\
+         [connections.mk]\napi_type = \"mock\"\n\n\
+         [routing]\n\"mock-exact\" = \"mk.mock-exact\"\n\"mock-*\" = \"mk.*\"\n\n\
+         [groups.small]\napi_keys = [\"sk\"]\nallowed_models = [\"mock-mini*\"]\n\n\
+         [groups.all]\napi_keys = [\"ak\"]\n",
+    );
+    let chat = |model: &str| format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+    let (sk, ak) = (("authorization", "Bearer sk"), ("authorization", "Bearer ak"));
+    // The pattern route serves both models; the small group may only use the one it names.
+    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[sk], &chat("mock-mini-1"))).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text());
+    for model in ["mock-large", "mock-exact"] {
+        let resp = exchange(gw.addr, &post("/v1/chat/completions", &[sk], &chat(model))).await;
+        assert_eq!(resp.openai_error(403)["code"], "model_not_allowed", "{model}");
+        let resp = exchange(gw.addr, &post("/v1/chat/completions", &[ak], &chat(model))).await;
+        assert_eq!(resp.status(), 200, "{model}: {}", resp.text());
+    }
+    // Exact names only; the small group sees none of them.
+    let ids = |key| async move {
+        let v = exchange(gw.addr, &get("/v1/models", &[key])).await.json();
+        v["data"].as_array().expect("data").iter().map(|m| m["id"].as_str().expect("id").to_owned()).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(ak).await, ["mock-exact"]);
+    assert!(ids(sk).await.is_empty());
+}
