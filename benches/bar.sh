@@ -69,6 +69,9 @@ shapes=(
     "c1|--concurrency 1 --duration $DUR"
     "rate2000|--rate 2000 --duration $DUR"
     "stream1000|--kind chat-stream --chunks 1000 --concurrency 1 --duration $DUR"
+    # Unpaced chunks leave the mock in one burst and arrive coalesced (gaps of 0); paced ones
+    # (1 ms apart) arrive one by one, so their gaps show what each hop adds per chunk.
+    "streampaced|--kind chat-stream --chunks 100 -H x-mock-delay-us:1000 --concurrency 8 --duration $DUR"
 )
 for shape in "${shapes[@]}"; do
     name=${shape%%|*}
@@ -129,6 +132,7 @@ e = errors(load("rate2000-lmgate")) + errors(load("rate2000-lmgate-vs-nginx"))
 bar("2000 req/s: zero errors through lmgate", "PASS" if e == 0 else "MISS", f"{e} errors or missed sends")
 vs_nginx("stream1000", "ttft", "p50", "1000-chunk stream: added TTFT p50 <= nginx")
 vs_nginx("stream1000", "gap", "p99", "1000-chunk stream: added p99 gap <= nginx")
+vs_nginx("streampaced", "gap", "p99", "paced stream (1 ms chunks): added p99 gap <= nginx")
 m = load("max-lmgate-vs-nginx")
 r = m["throughput_ratio"]
 med = lambda xs: sorted(xs)[len(xs) // 2]

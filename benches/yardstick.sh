@@ -16,9 +16,13 @@ install_missing() {
     fi
 }
 
-echo "==> cargo build --release"
-cargo build --release --quiet
-BIN=$PWD/target/release/lmgate
+# BIN names a prebuilt binary to measure instead (e.g. one built with debug line tables for
+# callgrind_annotate); otherwise the release build is made and used.
+if [[ -z ${BIN:-} ]]; then
+    echo "==> cargo build --release"
+    cargo build --release --quiet
+    BIN=$PWD/target/release/lmgate
+fi
 
 rm -rf "$OUT" && mkdir -p "$OUT/nginx/logs"
 pids=()
