@@ -50,9 +50,9 @@ count() {
     shift 3
     local url=http://127.0.0.1:$port/v1 pid
     pid=$(pgrep -f "valgrind.*--callgrind-out-file=$OUT/$proxy" | head -n 1)
-    "$BIN" bench --url "$url" --requests "$WARM" "$@" >/dev/null 2>&1
+    "$BIN" bench --url "$url" --requests "$WARM" --warmup 0 "$@" >/dev/null 2>&1
     callgrind_control -z "$pid" >/dev/null
-    "$BIN" bench --url "$url" --requests "$N" "$@" >"$OUT/$proxy-$kind.bench" 2>&1
+    "$BIN" bench --url "$url" --requests "$N" --warmup 0 "$@" >"$OUT/$proxy-$kind.bench" 2>&1
     rm -f "$OUT/$proxy.$pid".*
     callgrind_control -d "$kind" "$pid" >/dev/null
     local file

@@ -1,9 +1,16 @@
-//! Passthrough request handling: the validating model scan and the splice plan, on a 1 KB chat
-//! body and a 10 MB embeddings body. Run: `cargo bench --bench passthrough`.
+//! Passthrough handling: the validating model scan and the splice plan, on a 1 KB chat body and a
+//! 10 MB embeddings body; and the response side, an OpenAI stream forwarded through the body's
+//! poll loop while it is observed for usage (every chunk carries `"usage":null` once usage was
+//! asked for, as OpenAI sends it). Run: `cargo bench --bench passthrough`.
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use lmgate::body::{Body, Mode};
 use lmgate::json;
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 fn chat_body() -> Vec<u8> {
     let mut messages = String::new();
@@ -51,5 +58,60 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// An upstream body that hands out prepared chunks, all ready at once.
+struct Chunks(VecDeque<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+const EVENTS: usize = 200;
+
+/// An OpenAI chat stream of [`EVENTS`] content chunks with `"usage":null`, then the usage-only
+/// chunk and `[DONE]`.
+fn openai_stream() -> Vec<u8> {
+    let mut s = String::new();
+    for i in 0..EVENTS {
+        s.push_str(&format!(
+            "data: {{\"id\":\"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT\",\"object\":\"chat.completion.chunk\",\"created\":1741569952,\"model\":\"gpt-4o-2024-08-06\",\"service_tier\":\"default\",\"system_fingerprint\":\"fp_f9f4fb6dbf\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" word{i}\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"
+        ));
+    }
+    s.push_str("data: {\"id\":\"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT\",\"object\":\"chat.completion.chunk\",\"created\":1741569952,\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":19,\"completion_tokens\":200,\"total_tokens\":219}}\n\ndata: [DONE]\n\n");
+    s.into_bytes()
+}
+
+/// Forwards `chunks` through a passthrough body (stripping the usage event, as when only the
+/// gateway asked for usage) and returns the bytes that reached the client.
+fn forward(rt: &tokio::runtime::Runtime, chunks: VecDeque<Bytes>) -> usize {
+    let body = Body::passthrough_from(Chunks(chunks), Mode::sse(true), Duration::from_secs(300), "bench");
+    rt.block_on(async {
+        use http_body_util::BodyExt;
+        body.collect().await.map(|c| c.to_bytes().len()).unwrap_or(0)
+    })
+}
+
+fn bench_stream(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    let stream = Bytes::from(openai_stream());
+    let mut g = c.benchmark_group("passthrough_stream");
+    g.throughput(Throughput::Elements(EVENTS as u64 + 2));
+    for chunk in [64, 4096] {
+        let chunks: VecDeque<Bytes> =
+            (0..stream.len()).step_by(chunk).map(|i| stream.slice(i..(i + chunk).min(stream.len()))).collect();
+        g.bench_function(format!("openai_usage_null_chunk_{chunk}"), |b| {
+            b.iter_batched(|| chunks.clone(), |c| forward(&rt, c), BatchSize::SmallInput)
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_stream);
 criterion_main!(benches);

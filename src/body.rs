@@ -324,7 +324,9 @@ impl SseState {
 
     /// Whether an event goes to the client; records its usage if it has any.
     fn keep(&mut self, event: &[u8], usage: &mut Option<Usage>) -> bool {
-        if USAGE_KEY.find(event).is_none() {
+        // Once usage is asked for, OpenAI puts `"usage":null` in every chunk: only an event in
+        // which some `"usage"` is followed by anything but `null` is worth parsing.
+        if USAGE_KEY.find_iter(event).all(|at| null_follows(&event[at + USAGE_KEY.needle().len()..])) {
             return true;
         }
         let Some(data) = sse::data(event, &mut self.scratch) else { return true };
@@ -336,6 +338,17 @@ impl SseState {
             None => true,
         }
     }
+}
+
+/// Whether `rest`, the bytes after a `"usage"` key, read `: null` (JSON whitespace allowed).
+fn null_follows(rest: &[u8]) -> bool {
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let Some(colon) = rest.iter().position(|b| !ws(b)) else { return false };
+    if rest[colon] != b':' {
+        return false;
+    }
+    let value = &rest[colon + 1..];
+    value.iter().position(|b| !ws(b)).is_some_and(|v| value[v..].starts_with(b"null"))
 }
 
 impl Passthrough {
@@ -662,6 +675,23 @@ data: [DONE]\n\n";
                 assert!(t.done());
             }
         }
+    }
+
+    #[test]
+    fn only_a_usage_key_followed_by_null_skips_the_parse() {
+        assert!(null_follows(b":null}"));
+        assert!(null_follows(b" : \r\n null,"));
+        for rest in [&b":{\"prompt_tokens\":1}"[..], b"", b":", b": nul", b"null", b"\\\": null", b":\ndata: null"] {
+            assert!(!null_follows(rest), "{}", String::from_utf8_lossy(rest));
+        }
+        // A `"usage":null` inside a content string does not hide the real usage after it.
+        let event = br#"data: {"choices":[],"x":"say \"usage\":null","usage":{"prompt_tokens":3,"completion_tokens":5}}
+
+"#;
+        let Mode::Sse(mut s) = Mode::sse(true) else { unreachable!() };
+        let mut usage = None;
+        assert!(!s.keep(event, &mut usage));
+        assert_eq!(usage, Some(Usage { prompt: 3, completion: 5 }));
     }
 
     #[test]
