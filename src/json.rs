@@ -306,9 +306,11 @@ fn is_empty_array(v: &[u8]) -> bool {
 /// the client. Upstreams put `usage` after the (possibly huge) payload, so a bounded tail is
 /// enough; a `"usage"` inside a string cannot match because its quotes would be escaped.
 pub fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
-    let finder = memchr::memmem::FinderRev::new(b"\"usage\"");
+    // Built once: constructing a finder costs more than searching a 4 KiB tail with it.
+    static FINDER: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(b"\"usage\""));
     let mut end = tail.len();
-    while let Some(at) = finder.rfind(&tail[..end]) {
+    while let Some(at) = FINDER.rfind(&tail[..end]) {
         end = at;
         let before = tail[..at].trim_ascii_end();
         if !matches!(before.last(), Some(b',' | b'{')) {
