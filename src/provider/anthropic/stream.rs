@@ -136,17 +136,10 @@ impl Stream {
         out.put_slice(b"}\n\n");
     }
 
-    fn message_start(&mut self, data: &[u8], out: &mut BytesMut) {
+    fn message_start(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) {
         // A message that is not an object leaves the defaults: it carries no content.
-        let mut message = None;
-        let _ = json::members(data, |k, v| {
-            if key_is(k, b"message") {
-                message = Some(v);
-            }
-            true
-        });
         let (mut id, mut model): (&[u8], &[u8]) = (b"\"chatcmpl-lmgate\"", b"\"unknown\"");
-        if let Some(m) = message {
+        if let Some(m) = top[MESSAGE].clone() {
             let m = &data[m];
             let _ = json::members(m, |k, v| {
                 match unescaped_key::<8>(k).as_ref().map(|k| k.as_slice()) {
@@ -162,9 +155,8 @@ impl Stream {
         self.chunk(out, &[b"{\"role\":\"assistant\",\"content\":\"\"}"], None);
     }
 
-    fn block_start(&mut self, data: &[u8], out: &mut BytesMut) -> Result<(), Error> {
-        let (index, block) = index_and(data, b"content_block");
-        let (Some(index), Some(block)) = (index, block) else {
+    fn block_start(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) -> Result<(), Error> {
+        let (Some(index), Some(block)) = (index_of(data, top), top[CONTENT_BLOCK].clone()) else {
             return Err(malformed("content_block_start", "no `index` or `content_block`"));
         };
         // The index comes from the upstream: bounded, so a broken stream cannot make us
@@ -216,10 +208,9 @@ impl Stream {
         Ok(())
     }
 
-    fn block_delta(&mut self, data: &[u8], out: &mut BytesMut) -> Result<(), Error> {
+    fn block_delta(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) -> Result<(), Error> {
         const EVENT: &str = "content_block_delta";
-        let (index, delta) = index_and(data, b"delta");
-        let (Some(index), Some(delta)) = (index, delta) else {
+        let (Some(index), Some(delta)) = (index_of(data, top), top[DELTA].clone()) else {
             return Err(malformed(EVENT, "no `index` or `delta`"));
         };
         let d = &data[delta];
@@ -266,8 +257,8 @@ impl Stream {
         Ok(())
     }
 
-    fn block_stop(&mut self, data: &[u8], out: &mut BytesMut) {
-        let (Some(index), _) = index_and(data, b"") else { return };
+    fn block_stop(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) {
+        let Some(index) = index_of(data, top) else { return };
         if let Some(Block::Tool { k, args: false }) = self.blocks.get(index).copied() {
             self.chunk(
                 out,
@@ -281,10 +272,9 @@ impl Stream {
         }
     }
 
-    fn message_delta(&mut self, data: &[u8], out: &mut BytesMut) {
-        let f = fields(data, &[b"delta", b"usage"]);
+    fn message_delta(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) {
         let mut finish = "stop";
-        if let Some(d) = f[0].clone() {
+        if let Some(d) = top[DELTA].clone() {
             let d = &data[d];
             if let Some(r) = fields(d, &[b"stop_reason"])[0].clone() {
                 if let Some(reason) = unescaped_key::<40>(&d[r]) {
@@ -292,7 +282,7 @@ impl Stream {
                 }
             }
         }
-        if let Some(u) = f[1].clone() {
+        if let Some(u) = top[USAGE].clone() {
             self.tokens.read(&data[u]);
         }
         self.chunk(out, &[b"{}"], Some(finish));
@@ -325,40 +315,38 @@ impl Translate for Stream {
             self.done = true;
             return Err(Error::bad_gateway("The upstream sent a stream event that is not UTF-8."));
         }
-        // Every event's data is one JSON object: validated whole here, once, so the handlers'
-        // reads of its parts cannot meet broken JSON. A malformed event would otherwise be
-        // skipped, and the text in it lost without the client knowing.
-        let mut kind = None;
-        if let Err(e) = json::members(data, |k, v| {
-            if kind.is_none() && key_is(k, b"type") {
-                kind = Some(v);
+        // Every event's data is one JSON object: validated whole here, once, in the same pass
+        // that finds the top-level members the handlers read, so their reads of the parts cannot
+        // meet broken JSON. A malformed event would otherwise be skipped, and the text in it lost
+        // without the client knowing.
+        let top = match top_members(data) {
+            Ok(top) => top,
+            Err(e) => {
+                self.done = true;
+                return Err(Error::bad_gateway(format!(
+                    "The upstream sent a stream event that is not a JSON object: {e}."
+                )));
             }
-            true
-        }) {
-            self.done = true;
-            return Err(Error::bad_gateway(format!(
-                "The upstream sent a stream event that is not a JSON object: {e}."
-            )));
-        }
+        };
         // The event name equals the JSON `type`; fall back to the JSON when a proxy dropped it.
-        let name: &[u8] = match (ev.event, kind) {
+        let name: &[u8] = match (ev.event, top[TYPE].clone()) {
             (name, _) if !name.is_empty() => name,
             (_, Some(r)) if r.len() >= 2 && data[r.start] == b'"' => &data[r.start + 1..r.end - 1],
             _ => b"",
         };
         let handled = match name {
             b"message_start" => {
-                self.message_start(data, out);
+                self.message_start(data, &top, out);
                 Ok(())
             }
-            b"content_block_start" => self.block_start(data, out),
-            b"content_block_delta" => self.block_delta(data, out),
+            b"content_block_start" => self.block_start(data, &top, out),
+            b"content_block_delta" => self.block_delta(data, &top, out),
             b"content_block_stop" => {
-                self.block_stop(data, out);
+                self.block_stop(data, &top, out);
                 Ok(())
             }
             b"message_delta" => {
-                self.message_delta(data, out);
+                self.message_delta(data, &top, out);
                 Ok(())
             }
             b"message_stop" => {
@@ -366,7 +354,7 @@ impl Translate for Stream {
                 self.done = true;
                 Ok(())
             }
-            b"error" => Err(stream_error(data)),
+            b"error" => Err(stream_error(data, &top)),
             _ => Ok(()), // ping and event types added later
         };
         if handled.is_err() {
@@ -385,8 +373,8 @@ impl Translate for Stream {
 }
 
 /// An in-band `error` event as the error the body renders last.
-fn stream_error(data: &[u8]) -> Error {
-    let err = fields(data, &[b"error"])[0].clone().map(|r| &data[r]);
+fn stream_error(data: &[u8], top: &Top) -> Error {
+    let err = top[ERROR].clone().map(|r| &data[r]);
     let (kind, message) = match err {
         Some(e) => {
             let f = fields(e, &[b"type", b"message"]);
@@ -435,23 +423,48 @@ fn empty_str(token: &[u8]) -> bool {
 fn fields<const N: usize>(text: &[u8], names: &[&[u8]; N]) -> [Option<Range<usize>>; N] {
     let mut out: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
     let _ = json::members(text, |k, v| {
-        if let Some(k) = unescaped_key::<24>(k) {
-            if let Some(i) = names.iter().position(|n| *n == k.as_slice()) {
-                if out[i].is_none() {
-                    out[i] = Some(v);
-                }
-            }
-        }
+        record_member(&mut out, names, k, v);
         true
     });
     out
 }
 
-/// `index` (as a number) and the named member of an event.
-fn index_and(data: &[u8], name: &[u8]) -> (Option<usize>, Option<Range<usize>>) {
-    let f = fields(data, &[b"index", name]);
-    let index = f[0].clone().and_then(|r| json::u64_of(&data[r])).map(|n| n as usize);
-    (index, f[1].clone())
+/// The top-level members of an event that the handlers read, by position (first occurrence of
+/// each; absent ones `None`).
+type Top = [Option<Range<usize>>; 7];
+const TOP_NAMES: [&[u8]; 7] = [b"type", b"index", b"content_block", b"delta", b"message", b"usage", b"error"];
+const TYPE: usize = 0;
+const INDEX: usize = 1;
+const CONTENT_BLOCK: usize = 2;
+const DELTA: usize = 3;
+const MESSAGE: usize = 4;
+const USAGE: usize = 5;
+const ERROR: usize = 6;
+
+/// Validates an event's JSON whole and finds its [`Top`] members, in one pass.
+fn top_members(data: &[u8]) -> Result<Top, json::ScanError> {
+    let mut top: Top = Default::default();
+    json::members(data, |k, v| {
+        record_member(&mut top, &TOP_NAMES, k, v);
+        true
+    })?;
+    Ok(top)
+}
+
+/// Keeps `v` as the member named by raw key `k` when `names` has it and it is not set yet.
+fn record_member<const N: usize>(out: &mut [Option<Range<usize>>; N], names: &[&[u8]; N], k: &[u8], v: Range<usize>) {
+    if let Some(k) = unescaped_key::<24>(k) {
+        if let Some(i) = names.iter().position(|n| *n == k.as_slice()) {
+            if out[i].is_none() {
+                out[i] = Some(v);
+            }
+        }
+    }
+}
+
+/// The event's `index`, as a number.
+fn index_of(data: &[u8], top: &Top) -> Option<usize> {
+    top[INDEX].clone().and_then(|r| json::u64_of(&data[r])).map(|n| n as usize)
 }
 
 /// Decimal digits of `n` in a stack buffer.
