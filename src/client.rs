@@ -132,8 +132,7 @@ pub async fn send(
     conn: &Connection,
     req: http::Request<Body>,
 ) -> Result<http::Response<hyper::body::Incoming>, Error> {
-    let result = tokio::time::timeout(conn.timeouts.header, client.request(req)).await;
-    match result {
+    match tokio::time::timeout(conn.timeouts.header, client.request(req)).await {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) if e.is_connect() => {
             let timed_out = std::error::Error::source(&e).is_some_and(|s| s.is::<ConnectTimeout>());

@@ -483,7 +483,8 @@ impl<'de> Visitor<'de> for Render<'_> {
             if !first {
                 self.0.push(b',');
             }
-            if map.next_key_seed(Key(self.0))?.is_none() {
+            // A key renders like any string value.
+            if map.next_key_seed(Render(self.0))?.is_none() {
                 self.0.truncate(mark);
                 break;
             }
@@ -492,30 +493,6 @@ impl<'de> Visitor<'de> for Render<'_> {
             first = false;
         }
         self.0.push(b'}');
-        Ok(())
-    }
-}
-
-/// Renders an object key, which is always a string.
-struct Key<'o>(&'o mut Vec<u8>);
-
-impl<'de> DeserializeSeed<'de> for Key<'_> {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Key<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an object key")
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<(), E> {
-        write_str(self.0, v);
         Ok(())
     }
 }

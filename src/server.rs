@@ -120,9 +120,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         });
     }
 
+    // Readiness already answers 503: `stop_accepting` drained the proxy before it resolved.
     drop(listener);
     tick.abort();
-    proxy.drain();
     let _ = phase_tx.send(Phase::Draining);
     drop(alive_tx);
     tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: refusing new connections, draining");

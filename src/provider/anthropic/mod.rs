@@ -146,7 +146,7 @@ pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
 /// other status (a 404 or 405 from a wrong `api_base`, a 5xx) is the upstream failing: 502.
 fn error_of_status(connection: &str, status: StatusCode, message: Option<String>) -> Error {
     let code = status.as_u16();
-    let said = |fallback: String| message.clone().unwrap_or(fallback);
+    let said = |fallback: String| message.unwrap_or(fallback);
     match code {
         529 => Error::upstream(
             StatusCode::SERVICE_UNAVAILABLE,
