@@ -1,5 +1,5 @@
 //! SSE decoding throughput: `sse::Decoder` against a naive decoder, on a recorded Anthropic
-//! stream (tests/fixtures/sse/anthropic/stream-thinking.sse) repeated to about 1 MB, fed in
+//! stream (tests/fixtures/anthropic/stream-thinking.sse) repeated to about 1 MB, fed in
 //! chunks of 1, 64 and 4096 bytes. Run: `cargo bench --bench sse`.
 //!
 //! The naive decoder is the obvious way to write one (the approach of the tests' reference
@@ -10,7 +10,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use lmgate::sse::Decoder;
 
-const FIXTURE: &[u8] = include_bytes!("../tests/fixtures/sse/anthropic/stream-thinking.sse");
+const FIXTURE: &[u8] = include_bytes!("../tests/fixtures/anthropic/stream-thinking.sse");
 
 /// The fixture repeated to at least `target` bytes (it ends with a blank line, so the copies
 /// are whole events).

@@ -1,8 +1,7 @@
 //! A naive reference event-stream decoder, written straight from the interpretation rules of
-//! WHATWG HTML §9.2.6 (<https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation>,
-//! summarised in WIRE-FORMATS.md §1) and sharing no code with `lmgate::sse`. It reads the whole
-//! stream at once and favours being obviously right over being fast: the tests hold the real
-//! decoders to it.
+//! WHATWG HTML §9.2.6 (<https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation>)
+//! and sharing no code with `lmgate::sse`. It reads the whole stream at once and favours being
+//! obviously right over being fast: the tests hold the real decoders to it.
 //!
 //! It works on bytes rather than decoded text: every byte the algorithm looks at (CR, LF, `:`,
 //! space, NUL, the BOM) is ASCII or the BOM itself, and none can occur inside a multi-byte UTF-8

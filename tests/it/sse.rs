@@ -1,8 +1,9 @@
 //! The SSE and NDJSON decoders of `lmgate::sse`, held to the naive reference decoder
 //! (`reference.rs`, written from the spec text) on recorded provider streams
-//! (tests/fixtures/sse, see its README) and on generated streams, at every chunking that
-//! matters: whole, one byte at a time, every single split point, and random multi-splits. The
-//! streaming contract (DESIGN.md) is that any chunking of the same bytes gives the same output.
+//! (tests/fixtures/<provider>/, see tests/fixtures/README.md) and on generated streams, at every
+//! chunking that matters: whole, one byte at a time, every single split point, and random
+//! multi-splits. The streaming contract (stated on `Decoder::feed` in src/sse.rs) is that any
+//! chunking of the same bytes gives the same output.
 
 use crate::fuzz_replay::checks::{canonical, pieces, split};
 use crate::reference::{self, RefEvent};
@@ -41,9 +42,11 @@ impl Rng {
     }
 }
 
-/// Every file with extension `ext` under tests/fixtures/sse/<provider>/, sorted by path.
+/// Every file whose last extension is exactly `ext` (`sse` or `ndjson`) under
+/// tests/fixtures/<provider>/, sorted by path. The exact match keeps the `*.json` bodies and the
+/// `*.expected.json` / `*.expected.jsonl` expectations out.
 fn fixtures(ext: &str) -> Vec<(String, Vec<u8>)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sse");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let mut out = Vec::new();
     for dir in std::fs::read_dir(&root).unwrap() {
         let dir = dir.unwrap().path();
