@@ -4,6 +4,10 @@
 //! (`subtle`), so neither memory dumps nor response timing reveal a key. The key is read from
 //! `Authorization: Bearer`, `x-api-key` (Anthropic SDKs) or `api-key` (Azure SDKs). Missing and
 //! unknown keys get the same 401 body.
+//!
+//! A check says which key called as a [`KeyId`]: the first 8 bytes of the key's SHA-256, in hex.
+//! It is the same on every replica and after every reload (it depends on the key alone), so limits,
+//! spend and logs can count per key, and it never is the key itself.
 
 use http::HeaderMap;
 use sha2::{Digest as _, Sha256};
@@ -83,12 +87,35 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     ["x-api-key", "api-key"].iter().find_map(|h| headers.get(*h)).and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
-/// The group of the request's key; in open mode (`open_group`), any caller's.
-pub fn check(keys: &Keys, open_group: Option<usize>, headers: &HeaderMap) -> Option<usize> {
-    if let Some(g) = open_group {
-        return Some(g);
+/// A stable, non-secret id of a client key: the first 8 bytes of its SHA-256.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeyId(pub [u8; 8]);
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
     }
-    keys.group_of(presented_key(headers)?)
+}
+
+/// Who is calling: the access group, and the key (none in open mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// Group id (index into `Config::groups`).
+    pub group: usize,
+    /// The key that authenticated the request.
+    pub key: Option<KeyId>,
+}
+
+/// The caller of a request: its key's group; in open mode (`open_group`), anyone, with no key.
+pub fn check(keys: &Keys, open_group: Option<usize>, headers: &HeaderMap) -> Option<Caller> {
+    if let Some(group) = open_group {
+        return Some(Caller { group, key: None });
+    }
+    let d = digest(presented_key(headers)?);
+    let group = keys.by_digest.get(&d).copied()?;
+    let mut id = [0; 8];
+    id.copy_from_slice(&d.0[..8]);
+    Some(Caller { group, key: Some(KeyId(id)) })
 }
 
 #[cfg(test)]
@@ -109,7 +136,7 @@ mod tests {
             headers(&[("x-api-key", "sk-1")]),
             headers(&[("api-key", "sk-1")]),
         ] {
-            assert_eq!(check(&keys, None, &h), Some(3), "{h:?}");
+            assert_eq!(check(&keys, None, &h).map(|c| c.group), Some(3), "{h:?}");
         }
     }
 
@@ -130,7 +157,21 @@ mod tests {
 
     #[test]
     fn open_mode_lets_anyone_in() {
-        assert_eq!(check(&Keys::default(), Some(1), &headers(&[])), Some(1));
+        assert_eq!(check(&Keys::default(), Some(1), &headers(&[])), Some(Caller { group: 1, key: None }));
+    }
+
+    #[test]
+    fn the_key_id_is_a_stable_digest_prefix_and_never_the_key() {
+        let mut keys = Keys::default();
+        keys.insert("sk-1", 0);
+        keys.insert("sk-2", 0);
+        let id = |k: &'static str| check(&keys, None, &headers(&[("x-api-key", k)])).unwrap().key.unwrap();
+        // Computed independently: `printf sk-1 | sha256sum` begins 0f2c10bf3d128c71.
+        assert_eq!(id("sk-1").to_string(), "0f2c10bf3d128c71");
+        assert_eq!(id("sk-1"), id("sk-1"));
+        assert_ne!(id("sk-1"), id("sk-2"));
+        assert_eq!(id("sk-1").to_string().len(), 16);
+        assert!(!id("sk-1").to_string().contains("sk-1"));
     }
 
     #[test]

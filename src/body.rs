@@ -15,9 +15,9 @@
 //!
 //! Every body may carry the request's [`Record`], written when the body is dropped.
 
-use crate::error::Error;
+use crate::error::{Error, Kind};
 use crate::json::{self, Usage};
-use crate::provider::{Framing, Translate};
+use crate::provider::Translate;
 use crate::record::{Outcome, Record};
 use crate::sse;
 use bytes::{Bytes, BytesMut};
@@ -59,8 +59,8 @@ impl Body {
     }
 
     /// An upstream body forwarded as it arrives; see the module documentation.
-    pub fn passthrough(upstream: Incoming, mode: Mode, idle: Duration, connection: &str) -> Self {
-        Self::passthrough_upstream(Upstream::Hyper(upstream), mode, idle, connection)
+    pub fn passthrough(upstream: Upstream, mode: Mode, idle: Duration, connection: &str) -> Self {
+        Self::passthrough_upstream(upstream, mode, idle, connection)
     }
 
     /// [`Body::passthrough`] over any body standing in for the upstream's: the same poll loop,
@@ -114,35 +114,16 @@ pub enum Mode {
 /// Translation state: the decoder the provider's framing needs, the provider's translator, the
 /// reused output buffer.
 pub struct Translating {
-    decoder: Decoder,
+    decoder: sse::FramedDecoder,
     translator: Box<dyn Translate>,
     out: BytesMut,
-}
-
-/// The upstream stream's decoder, by [`Framing`].
-enum Decoder {
-    Sse(sse::Decoder),
-    Lines(sse::LineDecoder),
-}
-
-impl Decoder {
-    /// Decodes `chunk`, handing each complete event (an NDJSON line as an event's `data`) on.
-    fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(sse::Event<'_>)) -> Result<(), sse::TooLarge> {
-        match self {
-            Decoder::Sse(d) => d.feed(chunk, on_event),
-            Decoder::Lines(d) => d.feed(chunk, |line| on_event(sse::Event { event: b"", data: line, id: b"" })),
-        }
-    }
 }
 
 impl Translating {
     /// Translation of one response stream by `translator`; events larger than
     /// [`MAX_HELD_EVENT`] end the stream with an error.
     pub fn new(translator: Box<dyn Translate>) -> Self {
-        let decoder = match translator.framing() {
-            Framing::Sse => Decoder::Sse(sse::Decoder::new(MAX_HELD_EVENT)),
-            Framing::Ndjson => Decoder::Lines(sse::LineDecoder::new(MAX_HELD_EVENT)),
-        };
+        let decoder = sse::FramedDecoder::new(translator.framing(), MAX_HELD_EVENT);
         Translating { decoder, translator, out: BytesMut::with_capacity(4096) }
     }
 
@@ -165,9 +146,36 @@ impl Translating {
             queue.push_back(out.split().freeze());
         }
         if let Err(e) = fed {
-            failed.get_or_insert(Error::bad_gateway(format!("Connection `{connection}`: {e}.")));
+            failed.get_or_insert(Error::upstream_failure(
+                Kind::UpstreamMalformed,
+                format!("Connection `{connection}`: {e}."),
+            ));
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// The upstream stream ended: the decoder hands on what it still holds (a last NDJSON line
+    /// without its LF), then the translator's end-of-stream hook runs; what they produce is
+    /// queued. An error (the stream was cut short) is returned for the body to send last.
+    pub fn finish(&mut self, connection: &str, queue: &mut VecDeque<Bytes>) -> Result<(), Error> {
+        let Translating { decoder, translator, out } = self;
+        let mut failed = None;
+        decoder.finish(|ev| {
+            if failed.is_none() && !translator.done() {
+                failed = translator.event(&ev, out).err();
+            }
+        });
+        let finished = match failed {
+            Some(e) => Err(e),
+            None => translator.finish(out),
+        };
+        if !out.is_empty() {
+            queue.push_back(out.split().freeze());
+        }
+        finished.map_err(|mut e| {
+            e.message = format!("Connection `{connection}`: {}", e.message);
+            e
+        })
     }
 
     /// Whether the provider's stream reached its end.
@@ -228,9 +236,14 @@ struct Paced {
     len: usize,
 }
 
-/// The body a passthrough reads: hyper's, or a boxed stand-in ([`Body::passthrough_from`]).
-enum Upstream {
+/// An upstream's response body: hyper's, an in-process upstream's (the mock), or a boxed
+/// stand-in ([`Body::passthrough_from`]).
+pub enum Upstream {
+    /// From a network upstream.
     Hyper(Incoming),
+    /// From an in-process upstream.
+    Local(Box<Body>),
+    /// Any other body (tests, benches).
     Boxed(Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send + Sync>>),
 }
 
@@ -238,6 +251,7 @@ impl Upstream {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self {
             Upstream::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Upstream::Local(b) => Pin::new(&mut **b).poll_frame(cx),
             Upstream::Boxed(b) => b.as_mut().poll_frame(cx),
         }
     }
@@ -245,6 +259,7 @@ impl Upstream {
     fn is_end_stream(&self) -> bool {
         match self {
             Upstream::Hyper(b) => b.is_end_stream(),
+            Upstream::Local(b) => b.is_end_stream(),
             Upstream::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -252,8 +267,26 @@ impl Upstream {
     fn size_hint(&self) -> SizeHint {
         match self {
             Upstream::Hyper(b) => b.size_hint(),
+            Upstream::Local(b) => b.size_hint(),
             Upstream::Boxed(b) => b.size_hint(),
         }
+    }
+}
+
+impl http_body::Body for Upstream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.get_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        Upstream::is_end_stream(self)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        Upstream::size_hint(self)
     }
 }
 
@@ -392,11 +425,9 @@ impl Passthrough {
                     *usage = Some(u);
                 }
             }
-            Mode::Translate(t) if !t.done() => {
-                return Err(Error::bad_gateway(format!(
-                    "Connection `{}`: the upstream stream ended before it was complete.",
-                    self.connection
-                )));
+            Mode::Translate(t) => {
+                t.finish(&self.connection, &mut self.queue)?;
+                *usage = t.usage();
             }
             _ => {}
         }
@@ -409,7 +440,7 @@ impl Passthrough {
         self.done = true;
         if let Some(r) = record {
             r.outcome = Outcome::UpstreamFailed;
-            r.error = Some(e.message.clone());
+            r.error = Some(e.clone());
         }
         match &mut self.mode {
             Mode::Sse(s) => {
@@ -460,10 +491,10 @@ impl Passthrough {
                     }
                 }
                 Poll::Ready(Some(Err(_))) => {
-                    let e = Error::bad_gateway(format!(
-                        "Connection `{}`: the upstream connection failed mid-response.",
-                        self.connection
-                    ));
+                    let e = Error::upstream_failure(
+                        Kind::UpstreamBroken,
+                        format!("Connection `{}`: the upstream connection failed mid-response.", self.connection),
+                    );
                     self.fail(e, record.as_deref_mut())?;
                 }
                 Poll::Ready(None) => match self.finish(&mut usage) {
@@ -482,10 +513,10 @@ impl Passthrough {
                         }
                         sleep.as_mut().reset(deadline.into());
                     }
-                    let e = Error::timeout(format!(
-                        "Connection `{}`: no data from the upstream for {:?}.",
-                        self.connection, self.idle
-                    ));
+                    let e = Error::upstream_failure(
+                        Kind::UpstreamTimeout,
+                        format!("Connection `{}`: no data from the upstream for {:?}.", self.connection, self.idle),
+                    );
                     self.fail(e, record.as_deref_mut())?;
                 }
             }
@@ -628,6 +659,8 @@ data: [DONE]\n\n";
     }
 
     /// Echoes each event's data as a content chunk; `[DONE]` on a `{"done":true}` document.
+    use crate::sse::Framing;
+
     struct Echo(Framing, bool);
 
     impl Translate for Echo {
@@ -675,6 +708,76 @@ data: [DONE]\n\n";
                 assert!(t.done());
             }
         }
+    }
+
+    /// An upstream body that has every chunk ready.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    /// What the client gets when `input` arrives in chunks of `step` bytes and goes through the
+    /// body's real poll loop, translated by `translator`.
+    fn through_body(translator: Box<dyn Translate>, input: &'static [u8], step: usize) -> String {
+        let upstream = Chunks(input.chunks(step).map(Bytes::from_static).collect());
+        let body = Body::passthrough_from(upstream, Mode::translate(translator), Duration::from_secs(5), "test");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let out = rt.block_on(http_body_util::BodyExt::collect(body)).unwrap().to_bytes();
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_last_ndjson_line_without_its_lf_is_translated_at_eof_not_an_error() {
+        // Ollama's last line may end the stream without a newline.
+        let input = b"{\"a\":1}\n{\"done\":true}";
+        for step in 1..=input.len() {
+            let out = through_body(Box::new(Echo(Framing::Ndjson, false)), input, step);
+            assert_eq!(out, "data: {\"a\":1}\n\ndata: [DONE]\n\n", "step {step}");
+        }
+    }
+
+    /// Echoes events; its stream has no end event: `[DONE]` goes out at EOF (Gemini's shape).
+    struct EndsAtEof(bool);
+
+    impl Translate for EndsAtEof {
+        fn event(&mut self, ev: &sse::Event<'_>, out: &mut BytesMut) -> Result<(), Error> {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(ev.data);
+            out.extend_from_slice(b"\n\n");
+            Ok(())
+        }
+        fn finish(&mut self, out: &mut BytesMut) -> Result<(), Error> {
+            out.extend_from_slice(b"data: [DONE]\n\n");
+            self.0 = true;
+            Ok(())
+        }
+        fn done(&self) -> bool {
+            self.0
+        }
+        fn usage(&self) -> Option<Usage> {
+            None
+        }
+    }
+
+    #[test]
+    fn the_end_of_stream_hook_writes_the_last_events_of_a_stream_that_ends_at_eof() {
+        let input = b"data: {\"a\":1}\r\n\r\ndata: {\"b\":2}\r\n\r\n";
+        for step in 1..=input.len() {
+            let out = through_body(Box::new(EndsAtEof(false)), input, step);
+            assert_eq!(out, "data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n", "step {step}");
+        }
+        // Without the hook, a stream that never reached its end is cut short: one error event.
+        let out = through_body(Box::new(Echo(Framing::Sse, false)), b"data: {\"a\":1}\n\n", 4);
+        assert!(out.starts_with("data: {\"a\":1}\n\ndata: {\"error\":"), "{out}");
+        assert!(out.contains("ended before it was complete") && !out.contains("[DONE]"), "{out}");
     }
 
     #[test]

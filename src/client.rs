@@ -1,4 +1,5 @@
-//! Upstream HTTP clients: one pooled hyper-util client per configured connection.
+//! How requests reach an upstream: a [`Transport`] per connection, a pooled hyper-util client for
+//! network upstreams or the in-process mock.
 //!
 //! One client per connection makes `http2` a per-connection choice (h2 with prior knowledge over
 //! plain http, ALPN over TLS) and keeps each upstream's pool separate. HTTP/1.1 is the default:
@@ -6,10 +7,12 @@
 //! server's stream limit. TLS is rustls with the webpki roots plus an optional per-connection
 //! `ca_file` (private CAs). Sockets get TCP_NODELAY; idle pooled connections expire.
 
-use crate::body::Body;
+use crate::body::{Body, Upstream};
 use crate::config::{ConfigError, Connection};
-use crate::error::Error;
-use http::Uri;
+use crate::error::{Error, Kind};
+use crate::provider::mock::Mock;
+use crate::provider::Provider;
+use http::{Response, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -20,7 +23,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A pooled upstream client.
 pub type HttpClient = Client<TimedConnect<HttpsConnector<HttpConnector>>, Body>;
@@ -113,7 +116,7 @@ pub fn build(conn: &Connection) -> Result<HttpClient, ConfigError> {
     };
 
     let https = TimedConnect { inner: https, timeout: conn.timeouts.connect };
-    let plain_h2 = conn.http2 && conn.urls.as_ref().is_some_and(|u| u.chat.scheme_str() == Some("http"));
+    let plain_h2 = conn.http2 && conn.provider.base_url().is_some_and(|u| u.trim_start().starts_with("http://"));
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_timer(TokioTimer::new())
@@ -122,35 +125,71 @@ pub fn build(conn: &Connection) -> Result<HttpClient, ConfigError> {
         .build(https))
 }
 
-/// Sends `req` to `conn`'s upstream and waits for the response head.
-///
-/// Two bounds: `connect_timeout` on a new connection (TCP connect and TLS handshake, in
-/// [`TimedConnect`]: 502), and `header_timeout` from the start until the response head arrives
-/// (504). Failures name the connection, never a key.
-pub async fn send(
-    client: &HttpClient,
-    conn: &Connection,
-    req: http::Request<Body>,
-) -> Result<http::Response<hyper::body::Incoming>, Error> {
-    match tokio::time::timeout(conn.timeouts.header, client.request(req)).await {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) if e.is_connect() => {
-            let timed_out = std::error::Error::source(&e).is_some_and(|s| s.is::<ConnectTimeout>());
-            Err(Error::bad_gateway(if timed_out {
-                format!(
-                    "Could not connect to connection `{}` within {:?} (TCP connect and TLS handshake).",
-                    conn.name, conn.timeouts.connect
-                )
-            } else {
-                format!("Could not connect to connection `{}`.", conn.name)
-            }))
+/// How one connection's requests reach its upstream. Cloning shares the pool.
+#[derive(Clone)]
+pub enum Transport {
+    /// A network upstream, through a pooled client.
+    Http(Arc<HttpClient>),
+    /// The in-process mock (shared by every mock connection, across reloads).
+    Mock(Arc<Mock>),
+}
+
+impl Transport {
+    /// The transport for `conn`: the shared mock, or a new pooled client.
+    pub fn new(conn: &Connection, mock: &Arc<Mock>) -> Result<Self, ConfigError> {
+        Ok(match conn.provider {
+            Provider::Mock => Transport::Mock(mock.clone()),
+            _ => Transport::Http(Arc::new(build(conn)?)),
+        })
+    }
+
+    /// Whether two transports share one pool (or the one mock).
+    pub fn same_as(&self, other: &Transport) -> bool {
+        match (self, other) {
+            (Transport::Http(a), Transport::Http(b)) => Arc::ptr_eq(a, b),
+            (Transport::Mock(a), Transport::Mock(b)) => Arc::ptr_eq(a, b),
+            _ => false,
         }
-        Ok(Err(_)) => Err(Error::bad_gateway(format!(
-            "Connection `{}`: the upstream closed the connection before answering.",
-            conn.name
-        ))),
-        Err(_) => {
-            Err(Error::timeout(format!("Connection `{}`: no response within {:?}.", conn.name, conn.timeouts.header)))
+    }
+
+    /// Sends `req` and waits for the response head until `deadline` (the connection's
+    /// `header_timeout` from the attempt's start: 504). A new network connection must also
+    /// finish within `connect_timeout` (TCP connect and TLS handshake, in [`TimedConnect`]: 502).
+    /// Failures name the connection, never a key, and know their kind: unreachable (never sent),
+    /// closed before answering, timeout.
+    pub async fn send(
+        &self,
+        conn: &Connection,
+        req: http::Request<Body>,
+        deadline: Instant,
+    ) -> Result<Response<Upstream>, Error> {
+        let client = match self {
+            Transport::Http(client) => client,
+            Transport::Mock(mock) => return Ok(mock.serve(req).await.map(|b| Upstream::Local(Box::new(b)))),
+        };
+        match tokio::time::timeout_at(deadline.into(), client.request(req)).await {
+            Ok(Ok(r)) => Ok(r.map(Upstream::Hyper)),
+            Ok(Err(e)) if e.is_connect() => {
+                let timed_out = std::error::Error::source(&e).is_some_and(|s| s.is::<ConnectTimeout>());
+                let message = if timed_out {
+                    format!(
+                        "Could not connect to connection `{}` within {:?} (TCP connect and TLS handshake).",
+                        conn.name, conn.timeouts.connect
+                    )
+                } else {
+                    format!("Could not connect to connection `{}`.", conn.name)
+                };
+                Err(Error::upstream_failure(Kind::UpstreamUnreachable, message).caused_by(e))
+            }
+            Ok(Err(e)) => Err(Error::upstream_failure(
+                Kind::UpstreamClosed,
+                format!("Connection `{}`: the upstream closed the connection before answering.", conn.name),
+            )
+            .caused_by(e)),
+            Err(_) => Err(Error::upstream_failure(
+                Kind::UpstreamTimeout,
+                format!("Connection `{}`: no response within {:?}.", conn.name, conn.timeouts.header),
+            )),
         }
     }
 }

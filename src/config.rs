@@ -12,7 +12,9 @@
 //! `api_keys` is an error, so a typo can never leave the gateway open.
 
 use crate::auth::Keys;
-use crate::router::{Pattern, Router, Target};
+pub use crate::provider::ApiType;
+use crate::provider::Provider;
+use crate::router::{Pattern, Route, Router, Target};
 use http::header::{HeaderName, HeaderValue};
 use http::Uri;
 use indexmap::IndexMap;
@@ -92,25 +94,20 @@ pub enum ListingMode {
     IgnoreWildcards,
 }
 
-/// The protocol a connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ApiType {
-    /// OpenAI and every OpenAI-compatible server (vLLM, TGI, Groq, Mistral, llama.cpp, ...).
-    #[serde(alias = "open_ai")]
-    Openai,
-    /// Anthropic's Messages API: OpenAI chat requests and responses are translated.
-    Anthropic,
-    /// The built-in mock: answers in-process, no network hop.
-    Mock,
-}
-
+/// `[connections.NAME]` as written. Every provider's keys are listed here, so an unknown key is
+/// reported with its line by the TOML parser; each provider compiles the keys that are its own
+/// ([`Provider::compile`]) and the flow refuses the keys of another provider. (A serde enum
+/// tagged by `api_type` would lose the line numbers: serde buffers a tagged table before it
+/// knows the variant.)
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConnection {
-    api_type: ApiType,
-    api_base: Option<String>,
-    api_key: Option<String>,
+pub struct RawConnection {
+    /// The provider.
+    pub api_type: ApiType,
+    /// The upstream's base URL (literal or `env:VAR`).
+    pub api_base: Option<String>,
+    /// The upstream key (literal or `env:VAR`).
+    pub api_key: Option<String>,
     #[serde(default)]
     headers: IndexMap<String, String>,
     #[serde(default)]
@@ -119,11 +116,59 @@ struct RawConnection {
     connect_timeout_secs: Option<f64>,
     header_timeout_secs: Option<f64>,
     idle_timeout_secs: Option<f64>,
-    stream_usage: Option<bool>,
+    /// OpenAI-compatible: ask streams for usage.
+    pub stream_usage: Option<bool>,
     #[serde(default)]
     forward_headers: Vec<String>,
-    anthropic_version: Option<String>,
-    default_max_tokens: Option<u64>,
+    /// Anthropic: the `anthropic-version` header.
+    pub anthropic_version: Option<String>,
+    /// Anthropic: `max_tokens` when the client gives none.
+    pub default_max_tokens: Option<u64>,
+}
+
+/// Which provider owns each provider-specific key, so a key given to another provider is an
+/// error naming both.
+const PROVIDER_KEYS: &[(&str, ApiType)] = &[
+    ("stream_usage", ApiType::Openai),
+    ("anthropic_version", ApiType::Anthropic),
+    ("default_max_tokens", ApiType::Anthropic),
+];
+
+impl RawConnection {
+    /// The provider-specific keys that are set.
+    fn provider_keys(&self) -> impl Iterator<Item = (&'static str, ApiType)> + '_ {
+        let set = [self.stream_usage.is_some(), self.anthropic_version.is_some(), self.default_max_tokens.is_some()];
+        PROVIDER_KEYS.iter().zip(set).filter(|(_, set)| *set).map(|(k, _)| *k)
+    }
+}
+
+/// Resolves a connection's `env:` references; a missing variable disables the connection (the
+/// first one missing is the reason given).
+pub struct Secrets<'a> {
+    env: Env<'a>,
+    name: &'a str,
+    /// Why the connection is disabled, if a variable is missing.
+    pub disabled: Option<String>,
+}
+
+impl Secrets<'_> {
+    /// The value of `value` (literal or `env:VAR`) for config key `what`; `None` (and the
+    /// connection disabled) when its variable is not set.
+    pub fn resolve(&mut self, what: String, value: &str) -> Option<String> {
+        match resolve(value, self.env) {
+            Ok(v) => Some(v),
+            Err(var) => {
+                self.disabled.get_or_insert(format!("environment variable `{var}` (for {what}) is not set"));
+                None
+            }
+        }
+    }
+
+    /// The connection's `api_base`, resolved, or `default`.
+    pub fn base(&mut self, raw: &RawConnection, default: &str) -> String {
+        let base = raw.api_base.as_deref().unwrap_or(default);
+        self.resolve(format!("connections.{}.api_base", self.name), base).unwrap_or_else(|| default.to_owned())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,10 +255,8 @@ pub struct Timeouts {
 pub struct Connection {
     /// The name in `[connections.NAME]`.
     pub name: String,
-    /// Its protocol.
-    pub api_type: ApiType,
-    /// Upstream URLs for each endpoint (openai type only).
-    pub urls: Option<EndpointUrls>,
+    /// Its provider, with the settings only that provider uses.
+    pub provider: Provider,
     /// Headers set on every upstream request: the credential first, then `headers`. Values are
     /// marked sensitive so they never print.
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -225,23 +268,20 @@ pub struct Connection {
     pub ca_file: Option<PathBuf>,
     /// Timeouts.
     pub timeouts: Timeouts,
-    /// Ask streams for `stream_options.include_usage` (off for servers that reject it).
-    pub stream_usage: bool,
     /// Extra client request headers passed upstream (lower-case names, `*` wildcards).
     pub forward_headers: Vec<Pattern>,
-    /// `max_tokens` sent when the client gives none (Anthropic requires one).
-    pub default_max_tokens: u64,
 }
 
-/// Full upstream URLs, built once at load.
-#[derive(Debug, Clone)]
-pub struct EndpointUrls {
-    /// Chat: `{api_base}/chat/completions` (OpenAI), `{api_base}/v1/messages` (Anthropic).
-    pub chat: Uri,
-    /// `{api_base}/completions`, where the provider has legacy completions.
-    pub completions: Option<Uri>,
-    /// `{api_base}/embeddings`, where the provider has embeddings.
-    pub embeddings: Option<Uri>,
+impl Connection {
+    /// Whether two connections reach their upstream the same way, so a client built for one
+    /// serves the other (a reload keeps the pool of an unchanged connection).
+    pub fn same_transport(&self, other: &Connection) -> bool {
+        self.provider.api_type() == other.provider.api_type()
+            && self.provider.base_url() == other.provider.base_url()
+            && self.http2 == other.http2
+            && self.ca_file == other.ca_file
+            && self.timeouts.connect == other.timeouts.connect
+    }
 }
 
 /// An access group.
@@ -265,10 +305,6 @@ impl Group {
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
 const DEFAULT_MAX_REQUEST_BYTES: usize = 32 << 20;
-const OPENAI_BASE: &str = "https://api.openai.com/v1";
-const ANTHROPIC_BASE: &str = "https://api.anthropic.com";
-const ANTHROPIC_VERSION: &str = "2023-06-01";
-const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 impl Config {
     /// Parses and validates TOML text. `env` resolves `env:NAME` references.
@@ -305,7 +341,7 @@ impl Config {
             if model.is_empty() {
                 return err(format!("routing.\"{pattern}\": the model after `{conn}.` is empty"));
             }
-            routes.push((Pattern::new(pattern), Target::new(id, model)));
+            routes.push(Route { pattern: Pattern::new(pattern), targets: vec![Target::new(id, model)] });
         }
         let router = Router::new(routes);
 
@@ -383,11 +419,8 @@ impl Config {
         let _ = writeln!(s, "listen: {}", self.server.listen);
         let _ = writeln!(s, "connections ({}):", self.connections.len());
         for c in &self.connections {
-            let url = c.urls.as_ref().map(|u| u.chat.to_string());
-            let base = url
-                .as_deref()
-                .map_or("in-process", |u| u.trim_end_matches("/chat/completions").trim_end_matches("/v1/messages"));
-            let _ = write!(s, "  {} ({:?}) {}", c.name, c.api_type, base);
+            let base = c.provider.base_url().unwrap_or("in-process");
+            let _ = write!(s, "  {} ({:?}) {}", c.name, c.provider.api_type(), base);
             if c.http2 {
                 s.push_str(" h2");
             }
@@ -401,9 +434,13 @@ impl Config {
             s.push('\n');
         }
         let _ = writeln!(s, "routes ({}):", self.router.len());
-        for (pattern, target) in self.router.entries() {
-            let conn = &self.connections[target.connection].name;
-            let _ = writeln!(s, "  {} -> {}.{}", pattern.as_str(), conn, target.model_label());
+        for route in self.router.routes() {
+            let targets: Vec<String> = route
+                .targets
+                .iter()
+                .map(|t| format!("{}.{}", self.connections[t.connection].name, t.model_label()))
+                .collect();
+            let _ = writeln!(s, "  {} -> {}", route.pattern.as_str(), targets.join(", "));
         }
         let _ = writeln!(s, "groups ({}):", self.groups.len());
         for (id, g) in self.groups.iter().enumerate() {
@@ -566,80 +603,15 @@ fn compile_connection(
         header: secs(&key("header_timeout_secs"), c.header_timeout_secs, 600.0, false)?,
         idle: secs(&key("idle_timeout_secs"), c.idle_timeout_secs, 300.0, false)?,
     };
-    let mut disabled = None;
-    let mut headers = Vec::new();
-    let secret = |what: String, value: &str, disabled: &mut Option<String>| match resolve(value, env) {
-        Ok(v) => Some(v),
-        Err(var) => {
-            let why = format!("environment variable `{var}` (for {what}) is not set");
-            disabled.get_or_insert(why);
-            None
-        }
-    };
-    if c.api_type != ApiType::Anthropic && (c.anthropic_version.is_some() || c.default_max_tokens.is_some()) {
-        return err(format!(
-            "connections.{name}: `anthropic_version` and `default_max_tokens` are for anthropic connections"
-        ));
+    if let Some((k, owner)) = c.provider_keys().find(|(_, owner)| *owner != c.api_type) {
+        return err(format!("{}: `{k}` is for {} connections, not {}", key(k), owner.name(), c.api_type.name()));
     }
-    let default_max_tokens = c.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-    if default_max_tokens == 0 {
-        return err(format!("{}: must be at least 1", key("default_max_tokens")));
-    }
-    let base_of = |default: &str, disabled: &mut Option<String>| {
-        let base = c.api_base.as_deref().unwrap_or(default);
-        secret(key("api_base"), base, disabled).unwrap_or_else(|| default.to_owned())
-    };
-    let urls = match c.api_type {
-        ApiType::Mock => {
-            if c.api_base.is_some() || c.api_key.is_some() {
-                return err(format!("connections.{name}: a mock connection has no api_base or api_key"));
-            }
-            None
-        }
-        ApiType::Openai => {
-            let base = base_of(OPENAI_BASE, &mut disabled);
-            if let Some(k) = &c.api_key {
-                if let Some(v) = secret(key("api_key"), k, &mut disabled) {
-                    headers.push((
-                        http::header::AUTHORIZATION,
-                        header_value(&key("api_key"), &format!("Bearer {}", v.trim()))?,
-                    ));
-                }
-            }
-            let url = |path: &str| endpoint_url(&key("api_base"), &base, path);
-            Some(EndpointUrls {
-                chat: url("/chat/completions")?,
-                completions: Some(url("/completions")?),
-                embeddings: Some(url("/embeddings")?),
-            })
-        }
-        ApiType::Anthropic => {
-            // Like the Anthropic SDK's base_url: without /v1.
-            let base = base_of(ANTHROPIC_BASE, &mut disabled);
-            match &c.api_key {
-                Some(k) => {
-                    if let Some(v) = secret(key("api_key"), k, &mut disabled) {
-                        headers.push((HeaderName::from_static("x-api-key"), header_value(&key("api_key"), v.trim())?));
-                    }
-                }
-                None => return err(format!("{}: an anthropic connection needs a key", key("api_key"))),
-            }
-            let version = c.anthropic_version.as_deref().unwrap_or(ANTHROPIC_VERSION);
-            headers.push((
-                HeaderName::from_static("anthropic-version"),
-                header_value(&key("anthropic_version"), version)?,
-            ));
-            Some(EndpointUrls {
-                chat: endpoint_url(&key("api_base"), &base, "/v1/messages")?,
-                completions: None,
-                embeddings: None,
-            })
-        }
-    };
+    let mut secrets = Secrets { env, name, disabled: None };
+    let (provider, mut headers) = Provider::compile(c.api_type, name, c, &mut secrets)?;
     for (h, v) in &c.headers {
         let hname = HeaderName::try_from(h.as_str())
             .map_err(|_| ConfigError(format!("{}: `{h}` is not a header name", key("headers"))))?;
-        if let Some(v) = secret(format!("{}.{h}", key("headers")), v, &mut disabled) {
+        if let Some(v) = secrets.resolve(format!("{}.{h}", key("headers")), v) {
             let v = header_value(&format!("{}.{h}", key("headers")), &v)?;
             headers.retain(|(n, _)| *n != hname);
             headers.push((hname, v));
@@ -650,32 +622,31 @@ fn compile_connection(
             return err(format!("{}: `{}` is not a readable file", key("ca_file"), ca.display()));
         }
     }
+    let disabled = secrets.disabled;
     if let Some(why) = &disabled {
         warnings.push(format!("connection `{name}` is disabled: {why}"));
     }
     Ok(Connection {
         name: name.to_owned(),
-        api_type: c.api_type,
-        urls,
+        provider,
         headers,
         disabled,
         http2: c.http2,
         ca_file: c.ca_file.clone(),
         timeouts,
-        stream_usage: c.stream_usage.unwrap_or(true),
         forward_headers: c.forward_headers.iter().map(|h| Pattern::new(&h.to_ascii_lowercase())).collect(),
-        default_max_tokens,
     })
 }
 
 /// A header value marked sensitive, so it never prints (`Debug` shows `Sensitive`).
-fn header_value(key: &str, v: &str) -> Result<HeaderValue, ConfigError> {
+pub fn header_value(key: &str, v: &str) -> Result<HeaderValue, ConfigError> {
     let mut v = HeaderValue::try_from(v).map_err(|_| ConfigError(format!("{key}: not a valid header value")))?;
     v.set_sensitive(true);
     Ok(v)
 }
 
-fn endpoint_url(key: &str, base: &str, path: &str) -> Result<Uri, ConfigError> {
+/// `base` (an http or https URL with a host and no query) followed by `path`; errors name `key`.
+pub fn endpoint_url(key: &str, base: &str, path: &str) -> Result<Uri, ConfigError> {
     let base = base.trim().trim_end_matches('/');
     let parsed: Uri = base.parse().map_err(|_| ConfigError(format!("{key}: `{base}` is not a URL")))?;
     if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
@@ -737,11 +708,8 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.server.listen.to_string(), "0.0.0.0:8000");
         assert!(!cfg.server.list_wildcards);
-        assert_eq!(cfg.connections[0].api_type, ApiType::Openai);
-        assert_eq!(
-            cfg.connections[0].urls.as_ref().unwrap().chat.to_string(),
-            "https://api.openai.com/v1/chat/completions"
-        );
+        let Provider::Openai(openai) = &cfg.connections[0].provider else { panic!("not openai") };
+        assert_eq!(openai.uri(crate::provider::Api::Chat).to_string(), "https://api.openai.com/v1/chat/completions");
     }
 
     #[test]
@@ -803,12 +771,21 @@ mod tests {
         )
         .unwrap();
         let c = &cfg.connections[0];
-        assert_eq!(c.urls.as_ref().unwrap().chat.to_string(), "https://api.anthropic.com/v1/messages");
+        let Provider::Anthropic(a) = &c.provider else { panic!("not anthropic") };
+        assert_eq!(a.messages.to_string(), "https://api.anthropic.com/v1/messages");
         assert!(c.headers.iter().any(|(n, v)| n == "x-api-key" && v == "sk-ant"));
         assert!(c.headers.iter().any(|(n, v)| n == "anthropic-version" && v == "2023-06-01"));
-        assert_eq!(c.default_max_tokens, 100);
+        assert_eq!(a.default_max_tokens, 100);
         let e = parse("[connections.o]\napi_type = \"openai\"\ndefault_max_tokens = 5\n", &[]).unwrap_err();
-        assert!(e.0.contains("anthropic"), "{e}");
+        assert_eq!(
+            e.0,
+            "connections.o.default_max_tokens: `default_max_tokens` is for anthropic connections, not openai"
+        );
+        let e = parse("[connections.A]\napi_type = \"anthropic\"\napi_key = \"k\"\nstream_usage = false\n", &[])
+            .unwrap_err();
+        assert_eq!(e.0, "connections.A.stream_usage: `stream_usage` is for openai connections, not anthropic");
+        let e = parse("[connections.m]\napi_type = \"mock\"\nanthropic_version = \"x\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("is for anthropic connections, not mock"), "{e}");
     }
 
     #[test]

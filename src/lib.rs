@@ -1,23 +1,46 @@
 //! lmgate: an OpenAI-compatible LLM gateway, a low-level streaming reverse proxy on hyper.
 //!
-//! Crate map, in request order:
+//! # Architecture (read this first)
+//!
+//! The parts, in request order, and what each owns:
 //! - [`server`]: listener (socket2 options), HTTP/1.1 + h2c connections, graceful shutdown.
-//! - [`proxy`]: `Proxy::handle`, the whole request flow in one function.
-//! - [`auth`]: virtual keys (hashed, constant-time) → access group.
+//! - [`snapshot`]: one configuration and the upstream transports built for it, swapped whole
+//!   ([`proxy::Proxy::reload`]); each request loads it once. State that must survive a reload
+//!   (the mock's cache; later limits, spend, cooldowns, metrics) lives outside it, by name.
+//! - [`proxy`]: `Proxy::handle` and `Proxy::forward`, the whole request flow top to bottom:
+//!   authenticate → read the body → scan → route → the attempt loop → respond.
+//! - [`auth`]: virtual keys (hashed, constant-time) → the caller: group and a stable key id.
 //! - [`json`]: the non-allocating request scanner and splice points; usage extraction.
-//! - [`router`]: model patterns → connection and upstream model.
-//! - [`provider`]: what each `api_type` does: OpenAI-compatible passthrough, Anthropic
-//!   translation (request, stream event by event, message, errors), the built-in mock; the
-//!   `Translate` trait every translated stream implements.
-//! - [`client`]: pooled upstream clients, one per connection (rustls, optional h2).
+//! - [`router`]: model patterns → a route: its targets (connection + upstream model), in order.
+//! - [`attempt`]: the attempt loop over a route's targets: the next target after a failure that
+//!   another attempt may fix, never after the first byte went to the client.
+//! - [`provider`]: one enum variant and one file per `api_type`, each answering the same three
+//!   questions: **prepare** (the upstream request for an attempt: URI, credential, body),
+//!   **classify** (the response head → success, or a failure whose kind says if a retry may
+//!   help), **respond** (the client's body: passthrough, translation, the mock's own). Also the
+//!   `Translate` trait for stream rewriting and the one OpenAI chunk writer ([`provider::chunk`]).
+//! - [`client`]: a transport per connection: a pooled hyper client (rustls, optional h2) or the
+//!   in-process mock.
 //! - [`body`]: response bodies: passthrough (observed for usage), translated (decoder +
-//!   translator + reused buffer), chunks, full.
-//! - [`sse`]: the WHATWG event-stream decoder, event boundaries for passthrough, NDJSON lines.
-//! - [`record`]: one log record per request, written once on drop.
-//! - [`config`]: TOML → validated `Config`; `env:` secrets; lm-proxy compatibility.
-//! - [`error`]: OpenAI-style errors with status and fault side.
+//!   translator + reused buffer), chunks, full; the stream guard that writes the record on drop.
+//! - [`sse`]: the WHATWG event-stream decoder, event boundaries for passthrough, NDJSON lines,
+//!   the decoder per framing.
+//! - [`record`]: one log record per request (key id, connection, attempts, error kind and side),
+//!   written once on drop.
+//! - [`config`]: TOML → validated `Config`; `env:` secrets; lm-proxy compatibility; each
+//!   provider compiles its own keys.
+//! - [`error`]: errors of a closed set of kinds, with side, retry safety and status, rendered
+//!   per dialect.
 //! - [`bench`]: `lmgate bench`, the load generator and latency meter (closed/open loop,
 //!   HDR percentiles, `--compare` against a direct upstream).
+//!
+//! Where the planned work plugs in: retries, fallbacks and pools → [`attempt`] (policy) and
+//! [`router`] (targets); limits → one step between routing and the attempt loop, keyed by
+//! [`auth::KeyId`] and names, state outside the snapshot; metrics → the record's drop, labelled
+//! by [`error::Kind`] and [`error::Side`]; a new provider → one file under [`provider`] and a
+//! variant; embeddings fan-out → several `prepare`/`send` per call inside one attempt;
+//! hot reload → [`proxy::Proxy::reload`] from a signal; an Anthropic-shaped front door → an
+//! endpoint with its own [`error::Dialect`].
 //!
 //! Guarantees: the client never chooses where we connect (upstreams come from config only); the
 //! client's credentials never go upstream and provider keys never reach a client, a log line or
@@ -26,6 +49,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attempt;
 pub mod auth;
 pub mod bench;
 pub mod body;
@@ -38,4 +62,5 @@ pub mod proxy;
 pub mod record;
 pub mod router;
 pub mod server;
+pub mod snapshot;
 pub mod sse;

@@ -1,26 +1,32 @@
-//! The request flow: [`Proxy::handle`] reads top to bottom.
+//! The request flow: [`Proxy::handle`] and [`Proxy::forward`] read top to bottom.
 //!
 //! ```text
-//! local endpoints (health, models)       -> answered here
-//! auth::check(headers)                   -> 401, one generic body
+//! load the snapshot (config + transports), once for this request
+//! local endpoints (health)               -> answered here
+//! auth::check(headers)                   -> 401, one generic body; the caller's group and key id
+//! models                                 -> answered from routing, filtered by the group
 //! bounded body read (max_request_bytes)  -> 413; body_timeout_secs -> 408
 //! json::scan_request: model, stream      -> 400 (malformed, missing, duplicated)
-//! router.route(model)                    -> 404; disabled connection 503; group may not 403
-//! provider: mock answers in-process | openai splices the client's body | anthropic translates
-//! client::send within header_timeout     -> 502 (connect/refused/closed), 504 (timeout)
-//! provider response -> Body (passthrough observed for usage, or translated), record attached
+//! router.route(model)                    -> 404; a route: its targets in order
+//! attempt loop, per target:              -> disabled connection 503; group may not 403
+//!   provider.prepare -> transport.send (header_timeout: 504; connect: 502)
+//!   -> provider.classify -> provider.respond (passthrough, translation, the mock's body)
 //! ```
 //!
 //! Every response carries the request's [`Record`], written once when its body is dropped.
+//! Errors render in the endpoint's dialect.
 
+use crate::attempt::{self, Outcome};
+use crate::auth::{self, Caller};
 use crate::body::Body;
-use crate::client::{self, HttpClient};
-use crate::config::{ApiType, Config, ConfigError};
-use crate::error::Error;
-use crate::json::{self, RequestError};
-use crate::provider::{anthropic, mock::Mock, openai, Api};
-use crate::record::{Outcome, Record};
-use crate::{auth, router::Pattern};
+use crate::config::{Config, ConfigError, Group};
+use crate::error::{Dialect, Error};
+use crate::json::{self, RequestError, Usage};
+use crate::provider::{mock::Mock, Api, Call, Verdict};
+use crate::record::{Outcome as Ended, Record};
+use crate::router::{Pattern, Target};
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -28,11 +34,11 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// The gateway: configuration, upstream clients and the mock, shared by all connections.
+/// The gateway: the current snapshot, and the state that outlives snapshots (the mock's), shared
+/// by all connections.
 pub struct Proxy {
-    config: Arc<Config>,
-    clients: Vec<Option<HttpClient>>,
-    mock: Mock,
+    snapshot: ArcSwap<Snapshot>,
+    mock: Arc<Mock>,
     draining: AtomicBool,
 }
 
@@ -77,19 +83,30 @@ fn endpoint<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, Error> {
 }
 
 impl Proxy {
-    /// Builds the proxy and one upstream client per connection.
+    /// Builds the proxy and one upstream transport per connection.
     pub fn new(config: Config) -> Result<Self, ConfigError> {
-        let clients = config
-            .connections
-            .iter()
-            .map(|c| (c.api_type != ApiType::Mock).then(|| client::build(c)).transpose())
-            .collect::<Result<_, _>>()?;
-        Ok(Proxy { config: Arc::new(config), clients, mock: Mock::default(), draining: AtomicBool::new(false) })
+        let mock = Arc::new(Mock::default());
+        let snapshot = Snapshot::new(config, &mock, None)?;
+        Ok(Proxy { snapshot: ArcSwap::from_pointee(snapshot), mock, draining: AtomicBool::new(false) })
     }
 
     /// The configuration in use.
-    pub fn config(&self) -> &Config {
-        &self.config
+    pub fn config(&self) -> Arc<Config> {
+        self.snapshot.load().config.clone()
+    }
+
+    /// Replaces the configuration atomically. Requests in flight finish on the snapshot they
+    /// started with; connections whose transport is unchanged keep their pools.
+    pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        let previous = self.snapshot.load_full();
+        let next = Snapshot::new(config, &self.mock, Some(&previous))?;
+        self.snapshot.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// The snapshot requests are served from now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
     /// Marks the gateway as shutting down: `/health/ready` answers 503 from now on.
@@ -97,33 +114,48 @@ impl Proxy {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Answers one request. Never fails: errors become OpenAI error responses.
+    /// Answers one request. Never fails: errors become error responses in the endpoint's dialect.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
+        let snap = self.snapshot.load_full();
         let (parts, body) = req.into_parts();
         let ep = endpoint(&parts.method, parts.uri.path());
         let name = ep.as_ref().map_or("unknown", Endpoint::name);
-        let mut record = Record::new(self.config.clone(), parts.method.clone(), parts.uri.clone(), name);
+        let dialect = match &ep {
+            Ok(Endpoint::Api(api)) => api.dialect(),
+            _ => Dialect::Openai,
+        };
+        let mut record = Record::new(snap.config.clone(), parts.method.clone(), parts.uri.clone(), name);
+        let cfg = &*snap.config;
+        // The one 401 check, for every endpoint that needs a key.
+        let caller = || auth::check(&cfg.keys, cfg.open_group, &parts.headers).ok_or_else(Error::unauthorized);
         let result = match ep {
-            Ok(Endpoint::Api(api)) => self.forward(api, &parts.headers, body, &mut record).await,
-            Ok(Endpoint::Models) => self.models(&parts.headers, None),
-            Ok(Endpoint::Model(id)) => self.models(&parts.headers, Some(id)),
             Ok(Endpoint::Live) => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))),
             Ok(Endpoint::Ready) if self.draining.load(Ordering::Relaxed) => {
                 Ok(json_response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"{\"status\":\"draining\"}")))
             }
             Ok(Endpoint::Ready) => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}"))),
+            Ok(Endpoint::Api(api)) => match caller() {
+                Ok(c) => {
+                    record.key = c.key;
+                    self.forward(&snap, api, c, &parts.headers, body, &mut record).await
+                }
+                Err(e) => Err(e),
+            },
+            Ok(Endpoint::Models) => caller().and_then(|c| models(cfg, c, None)),
+            Ok(Endpoint::Model(id)) => caller().and_then(|c| models(cfg, c, Some(id))),
             Err(e) => Err(e),
         };
         let response = match result {
             Ok(r) => r,
             Err(e) => {
-                record.outcome = Outcome::Complete;
-                record.error = Some(e.message.clone());
-                json_response(e.status, Bytes::from(e.to_json()))
+                let response = json_response(e.status, e.render(dialect));
+                record.outcome = Ended::Complete;
+                record.error = Some(e);
+                response
             }
         };
         record.status = response.status().as_u16();
@@ -131,10 +163,12 @@ impl Proxy {
         Response::from_parts(parts, body.with_record(record))
     }
 
-    /// The API flow: auth, body, model, route, provider, upstream, response.
+    /// The API flow: body, model, route, then the attempt loop over the route's targets.
     async fn forward<B>(
         &self,
+        snap: &Snapshot,
         api: Api,
+        caller: Caller,
         headers: &HeaderMap,
         body: B,
         record: &mut Record,
@@ -143,9 +177,7 @@ impl Proxy {
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let cfg = &*self.config;
-        let group = auth::check(&cfg.keys, cfg.open_group, headers).ok_or_else(Error::unauthorized)?;
-
+        let cfg = &*snap.config;
         let limit = cfg.server.max_request_bytes;
         let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit as u64) {
@@ -181,97 +213,105 @@ impl Proxy {
         };
         record.model = Some(model.clone());
 
-        let (_, target) = cfg.router.route(&model).ok_or_else(|| Error::model_not_found(&model))?;
-        let conn = &cfg.connections[target.connection];
-        record.connection = Some(target.connection);
+        let route = cfg.router.route(&model).ok_or_else(|| Error::model_not_found(&model))?;
+        let call = Call { api, body: &body, fields: &fields, model: &model, stream, headers };
+        let group = &cfg.groups[caller.group];
+        let run = attempt::run(&route.targets, |target| Self::attempt(snap, group, &call, target)).await;
+        record.connection = route.targets.get(run.target).map(|t| t.connection);
+        record.attempts = run.attempts;
+        let (response, usage) = run.result?;
+        record.usage = usage.or(record.usage);
+        Ok(response)
+    }
+
+    /// One attempt at `target`: may the caller use it, then prepare → send → classify → respond.
+    async fn attempt(
+        snap: &Snapshot,
+        group: &Group,
+        call: &Call<'_>,
+        target: &Target,
+    ) -> Outcome<(Response<Body>, Option<Usage>)> {
+        let Some((conn, transport)) = snap.connection(target.connection) else {
+            return Outcome::failed(Error::unavailable("The route names an unknown connection."));
+        };
         if let Some(why) = &conn.disabled {
-            return Err(Error::unavailable(format!("Connection `{}` is disabled: {why}.", conn.name)));
+            return Outcome::failed(Error::unavailable(format!("Connection `{}` is disabled: {why}.", conn.name)));
         }
-        let g = &cfg.groups[group];
-        if !g.allows(target.connection, &model) {
-            return Err(Error::forbidden(format!("Your key (group `{}`) may not use model `{model}`.", g.name)));
+        if !group.allows(target.connection, call.model) {
+            let message = format!("Your key (group `{}`) may not use model `{}`.", group.name, call.model);
+            return Outcome::failed(Error::forbidden(message));
         }
-
-        let upstream_model = target.upstream_model(&model);
-        let client = self.clients[target.connection].as_ref();
-        match (conn.api_type, client) {
-            (ApiType::Openai, Some(client)) => {
-                let up = openai::request(conn, api, body, &fields, stream, target, headers)?;
-                let resp = client::send(client, conn, up.request).await?;
-                openai::response(conn, resp, stream, up.strip_usage)
+        let provider = &conn.provider;
+        let prepared = match provider.prepare(conn, call, target) {
+            Ok(p) => p,
+            Err(e) => return Outcome::failed(e),
+        };
+        let plan = prepared.plan;
+        let head = match transport.send(conn, prepared.request, plan.deadline).await {
+            Ok(head) => head,
+            Err(e) => return Outcome::failed(e),
+        };
+        match provider.classify(conn, head, &plan).await {
+            Verdict::Success(head) => match provider.respond(conn, head, &plan).await {
+                Ok(answer) => Outcome::Success(answer),
+                Err(e) => Outcome::failed(e),
+            },
+            Verdict::Failure { error, relay: Some(head) } => {
+                let relay = provider.respond(conn, head, &plan).await.ok();
+                Outcome::Failure { error, relay }
             }
-            (ApiType::Anthropic, Some(client)) => {
-                if api != Api::Chat {
-                    return Err(Error::invalid_request(format!(
-                        "Model `{model}` is served by an Anthropic connection, which has no /v1/{} endpoint.",
-                        api.name()
-                    ))
-                    .param("model"));
-                }
-                let translated = anthropic::request::translate(&body, upstream_model, conn.default_max_tokens)?;
-                let req = anthropic::upstream_request(conn, &translated, headers)?;
-                let resp = client::send(client, conn, req).await?;
-                let (response, usage) = anthropic::response(conn, resp, &translated).await?;
-                record.usage = usage.or(record.usage);
-                Ok(response)
-            }
-            (ApiType::Mock, _) => {
-                let answer = self.mock.respond(api, &body, upstream_model, headers)?;
-                record.usage = Some(answer.usage);
-                Ok(answer.response)
-            }
-            // Proxy::new builds a client for every network connection.
-            (_, None) => Err(Error::unavailable(format!("Connection `{}` has no upstream client.", conn.name))),
+            Verdict::Failure { error, relay: None } => Outcome::failed(error),
         }
     }
+}
 
-    /// `GET /v1/models` and `/v1/models/{id}`: built from routing, filtered by the caller's group.
-    /// Routes to a disabled connection (its key variable is missing) are left out: the caller
-    /// cannot use them, and a client that picks a model from this list should get one that works.
-    fn models(&self, headers: &HeaderMap, id: Option<&str>) -> Result<Response<Body>, Error> {
-        let cfg = &*self.config;
-        let group = &cfg.groups[auth::check(&cfg.keys, cfg.open_group, headers).ok_or_else(Error::unauthorized)?];
-        let usable = |connection: usize| cfg.connections[connection].disabled.is_none();
-        let visible = |p: &Pattern, connection: usize| {
-            let models_ok = group
-                .models
-                .as_ref()
-                .is_none_or(|m| m.iter().any(|g| g.matches(p.as_str()) || g.as_str() == p.as_str()));
-            group.connections[connection] && models_ok && usable(connection)
-        };
-        let object = |out: &mut Vec<u8>, name: &str, connection: usize| {
-            out.extend_from_slice(b"{\"id\":");
-            json::write_str(out, name);
-            out.extend_from_slice(b",\"object\":\"model\",\"created\":0,\"owned_by\":");
-            json::write_str(out, &cfg.connections[connection].name);
-            out.push(b'}');
-        };
-        let mut out = Vec::with_capacity(256);
-        if let Some(raw) = id {
-            // SDKs percent-encode the id as one path segment: `org/model` arrives as `org%2Fmodel`.
-            let id = percent_decode(raw).ok_or_else(|| Error::model_not_found(raw))?;
-            let (_, target) = cfg.router.route(&id).ok_or_else(|| Error::model_not_found(&id))?;
-            if !group.allows(target.connection, &id) || !usable(target.connection) {
-                return Err(Error::model_not_found(&id));
-            }
-            object(&mut out, &id, target.connection);
-            return Ok(json_response(StatusCode::OK, Bytes::from(out)));
-        }
-        out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
-        let mut first = true;
-        for (p, t) in cfg.router.entries() {
-            if (p.is_wildcard() && !cfg.server.list_wildcards) || !visible(p, t.connection) {
-                continue;
-            }
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            object(&mut out, p.as_str(), t.connection);
-        }
-        out.extend_from_slice(b"]}");
-        Ok(json_response(StatusCode::OK, Bytes::from(out)))
+/// `GET /v1/models` and `/v1/models/{id}`: built from routing, filtered by the caller's group.
+/// Routes to a disabled connection (its key variable is missing) are left out: the caller
+/// cannot use them, and a client that picks a model from this list should get one that works.
+fn models(cfg: &Config, caller: Caller, id: Option<&str>) -> Result<Response<Body>, Error> {
+    let group = &cfg.groups[caller.group];
+    let usable = |connection: usize| cfg.connections[connection].disabled.is_none();
+    let visible = |p: &Pattern, connection: usize| {
+        let models_ok =
+            group.models.as_ref().is_none_or(|m| m.iter().any(|g| g.matches(p.as_str()) || g.as_str() == p.as_str()));
+        group.connections[connection] && models_ok && usable(connection)
+    };
+    let object = |out: &mut Vec<u8>, name: &str, connection: usize| {
+        out.extend_from_slice(b"{\"id\":");
+        json::write_str(out, name);
+        out.extend_from_slice(b",\"object\":\"model\",\"created\":0,\"owned_by\":");
+        json::write_str(out, &cfg.connections[connection].name);
+        out.push(b'}');
+    };
+    let mut out = Vec::with_capacity(256);
+    if let Some(raw) = id {
+        // SDKs percent-encode the id as one path segment: `org/model` arrives as `org%2Fmodel`.
+        let id = percent_decode(raw).ok_or_else(|| Error::model_not_found(raw))?;
+        let route = cfg.router.route(&id).ok_or_else(|| Error::model_not_found(&id))?;
+        let target = route
+            .targets
+            .iter()
+            .find(|t| group.allows(t.connection, &id) && usable(t.connection))
+            .ok_or_else(|| Error::model_not_found(&id))?;
+        object(&mut out, &id, target.connection);
+        return Ok(json_response(StatusCode::OK, Bytes::from(out)));
     }
+    out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
+    let mut first = true;
+    for route in cfg.router.routes() {
+        let p = &route.pattern;
+        let Some(t) = route.targets.iter().find(|t| visible(p, t.connection)) else { continue };
+        if p.is_wildcard() && !cfg.server.list_wildcards {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        object(&mut out, p.as_str(), t.connection);
+    }
+    out.extend_from_slice(b"]}");
+    Ok(json_response(StatusCode::OK, Bytes::from(out)))
 }
 
 /// Decodes `%XX` escapes of a path segment; `None` when an escape is malformed or the result is
@@ -325,6 +365,49 @@ mod tests {
         assert_eq!(endpoint(&Method::POST, "/v2/x").err().unwrap().status, 404);
         assert!(matches!(endpoint(&Method::GET, "/v1/models/"), Ok(Endpoint::Models)));
         assert_eq!(endpoint(&Method::GET, "/v1/modelsx").err().unwrap().status, 404);
+    }
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, &|_: &str| -> Option<String> { None }).unwrap()
+    }
+
+    /// Status and body of a chat request for `model`, answered by `proxy`.
+    async fn chat(proxy: &Proxy, model: &str) -> (u16, String) {
+        let body = format!("{{\"model\":\"{model}\",\"messages\":[]}}");
+        let req = Request::post("/v1/chat/completions").body(http_body_util::Full::new(Bytes::from(body))).unwrap();
+        let resp = proxy.handle(req).await;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_reload_swaps_routes_and_keeps_the_pools_of_unchanged_connections() {
+        let up = "[connections.up]\napi_type = \"openai\"\napi_base = \"http://127.0.0.1:9/v1\"\n";
+        let proxy = Proxy::new(config(&format!(
+            "[connections.mk]\napi_type = \"mock\"\n{up}[routing]\n\"a\" = \"mk.*\"\n\"u\" = \"up.*\"\n"
+        )))
+        .unwrap();
+        let (status, body) = chat(&proxy, "a").await;
+        assert_eq!(status, 200, "{body}");
+        let before = proxy.snapshot();
+
+        // Connections swap places and a route is renamed: transports follow names, not positions.
+        proxy
+            .reload(config(&format!(
+                "{up}[connections.mk]\napi_type = \"mock\"\n[routing]\n\"b\" = \"mk.*\"\n\"u\" = \"up.*\"\n"
+            )))
+            .unwrap();
+        let after = proxy.snapshot();
+        assert_eq!(chat(&proxy, "a").await.0, 404);
+        assert_eq!(chat(&proxy, "b").await.0, 200);
+        assert!(after.kept_transport(0, &before) && after.kept_transport(1, &before));
+        // The request that started before the reload still holds its configuration.
+        assert!(before.config.router.route("a").is_some());
+
+        // A changed transport setting gets a new client.
+        proxy.reload(config(&format!("{up}http2 = true\n[routing]\n\"u\" = \"up.*\"\n"))).unwrap();
+        assert!(!proxy.snapshot().kept_transport(0, &after));
     }
 
     #[test]

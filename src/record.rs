@@ -6,7 +6,9 @@
 //! having to remember to. Nothing secret is in it: the method and path (never the query string,
 //! where some clients put keys), model and connection names, numbers.
 
+use crate::auth::KeyId;
 use crate::config::Config;
+use crate::error::Error;
 use crate::json::Usage;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,16 +36,20 @@ pub struct Record {
     pub endpoint: &'static str,
     /// Model as requested.
     pub model: Option<String>,
-    /// Connection id it was routed to.
+    /// The caller's key id (never the key), when keys are required.
+    pub key: Option<KeyId>,
+    /// Connection id of the last attempt.
     pub connection: Option<usize>,
+    /// Upstream attempts made.
+    pub attempts: u32,
     /// Status sent to the client.
     pub status: u16,
     /// Token usage, when the upstream reported it.
     pub usage: Option<Usage>,
     /// How it ended.
     pub outcome: Outcome,
-    /// The error message, when the gateway answered with or appended an error.
-    pub error: Option<String>,
+    /// The error, when the gateway answered with or appended one.
+    pub error: Option<Error>,
 }
 
 impl Record {
@@ -56,7 +62,9 @@ impl Record {
             uri,
             endpoint,
             model: None,
+            key: None,
             connection: None,
+            attempts: 0,
             status: 0,
             usage: None,
             outcome: Outcome::ClientGone,
@@ -75,6 +83,12 @@ impl Drop for Record {
             Outcome::Complete => "complete",
             Outcome::UpstreamFailed => "upstream_failed",
         };
+        let error = self.error.as_ref();
+        let kind = error.map(|e| e.kind.name());
+        let side = error.map(|e| e.side().name());
+        let message = error.map(|e| e.message.as_str());
+        let cause = error.and_then(|e| e.source.as_ref()).map(tracing::field::display);
+        let key = self.key.map(tracing::field::display);
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
@@ -89,7 +103,12 @@ impl Drop for Record {
                     prompt_tokens = prompt,
                     completion_tokens = completion,
                     outcome,
-                    error = self.error.as_deref(),
+                    attempts = self.attempts,
+                    key,
+                    error = message,
+                    error_kind = kind,
+                    error_side = side,
+                    cause,
                 )
             };
         }
@@ -121,7 +140,7 @@ mod tests {
     }
 
     #[test]
-    fn the_request_line_has_method_path_model_connection_status_and_tokens_but_no_query_or_key() {
+    fn the_request_line_has_method_path_model_key_id_connection_status_tokens_and_error_kind_but_no_query_or_key() {
         let config = Config::parse(
             "[connections.up]\napi_type = \"openai\"\napi_base = \"http://127.0.0.1:9/v1\"\napi_key = \"sk-conn-secret\"\n",
             &|_: &str| -> Option<String> { None },
@@ -138,6 +157,11 @@ mod tests {
             record.status = 200;
             record.usage = Some(Usage { prompt: 11, completion: 7 });
             record.outcome = Outcome::Complete;
+            record.key = Some(KeyId([0xab, 0, 1, 2, 3, 4, 5, 0xff]));
+            record.attempts = 1;
+            let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+            record.error =
+                Some(Error::upstream_failure(crate::error::Kind::UpstreamClosed, "closed early").caused_by(reset));
         });
         let line = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         for field in [
@@ -149,6 +173,12 @@ mod tests {
             "duration_ms=",
             "prompt_tokens=11",
             "completion_tokens=7",
+            "key=ab000102030405ff",
+            "attempts=1",
+            "error=\"closed early\"",
+            "error_kind=\"upstream_closed\"",
+            "error_side=\"upstream\"",
+            "cause=connection reset by peer",
         ] {
             assert!(line.contains(field), "{field} missing from {line}");
         }

@@ -1,9 +1,12 @@
-//! Model routing: requested model name → connection and upstream model.
+//! Model routing: requested model name → a [`Route`]: the targets (connection and upstream
+//! model) the attempt loop may use, in order.
 //!
 //! `[routing]` maps patterns to `"connection.model"` or `"connection.*"`. An exact name (no `*`)
 //! beats every pattern; patterns are tried in file order and the first match decides, with no
 //! fall-through: if its connection is disabled the answer is 503, if the caller may not use it,
-//! 403. `*` matches any run of characters (including none), anywhere in the pattern.
+//! 403. `*` matches any run of characters (including none), anywhere in the pattern. A route
+//! holds a list of targets (one per routing value today), so pools and fallbacks only add the
+//! choice among them.
 
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -93,52 +96,60 @@ impl Target {
     }
 }
 
+/// What a model name routes to.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The routing key that matched.
+    pub pattern: Pattern,
+    /// Where requests may go, in order; never empty.
+    pub targets: Vec<Target>,
+}
+
 /// The compiled routing table.
 #[derive(Debug, Default)]
 pub struct Router {
-    entries: Vec<(Pattern, Target)>,
+    routes: Vec<Route>,
     exact: HashMap<String, usize>,
     wildcards: Vec<usize>,
 }
 
 impl Router {
-    /// Builds a router from `(pattern, target)` pairs in file order.
-    pub fn new(entries: Vec<(Pattern, Target)>) -> Self {
+    /// Builds a router from routes in file order.
+    pub fn new(routes: Vec<Route>) -> Self {
         let mut exact = HashMap::new();
         let mut wildcards = Vec::new();
-        for (i, (p, _)) in entries.iter().enumerate() {
-            if p.is_wildcard() {
+        for (i, r) in routes.iter().enumerate() {
+            if r.pattern.is_wildcard() {
                 wildcards.push(i);
             } else {
-                exact.entry(p.as_str().to_owned()).or_insert(i);
+                exact.entry(r.pattern.as_str().to_owned()).or_insert(i);
             }
         }
-        Router { entries, exact, wildcards }
+        Router { routes, exact, wildcards }
     }
 
     /// The route for `model`: an exact entry, else the first matching pattern in file order.
-    pub fn route(&self, model: &str) -> Option<(&Pattern, &Target)> {
+    pub fn route(&self, model: &str) -> Option<&Route> {
         let i = match self.exact.get(model) {
             Some(&i) => i,
-            None => *self.wildcards.iter().find(|&&i| self.entries[i].0.matches(model))?,
+            None => *self.wildcards.iter().find(|&&i| self.routes[i].pattern.matches(model))?,
         };
-        let (p, t) = &self.entries[i];
-        Some((p, t))
+        Some(&self.routes[i])
     }
 
-    /// Every entry in file order.
-    pub fn entries(&self) -> impl Iterator<Item = (&Pattern, &Target)> {
-        self.entries.iter().map(|(p, t)| (p, t))
+    /// Every route in file order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
-    /// Number of entries.
+    /// Number of routes.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.routes.len()
     }
 
     /// Whether there are no routes.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.routes.is_empty()
     }
 }
 
@@ -147,7 +158,18 @@ mod tests {
     use super::*;
 
     fn router(pairs: &[(&str, usize, &str)]) -> Router {
-        Router::new(pairs.iter().map(|(p, c, m)| (Pattern::new(p), Target::new(*c, m))).collect())
+        Router::new(
+            pairs
+                .iter()
+                .map(|(p, c, m)| Route { pattern: Pattern::new(p), targets: vec![Target::new(*c, m)] })
+                .collect(),
+        )
+    }
+
+    fn first(r: &Router, model: &str) -> Option<(String, usize, String)> {
+        let route = r.route(model)?;
+        let t = &route.targets[0];
+        Some((route.pattern.as_str().to_owned(), t.connection, t.upstream_model(model).to_owned()))
     }
 
     #[test]
@@ -174,16 +196,15 @@ mod tests {
     #[test]
     fn exact_name_beats_an_earlier_pattern() {
         let r = router(&[("gpt*", 0, "*"), ("gpt-4o", 1, "real")]);
-        let (p, t) = r.route("gpt-4o").unwrap();
-        assert_eq!((p.as_str(), t.connection, t.upstream_model("gpt-4o")), ("gpt-4o", 1, "real"));
+        assert_eq!(first(&r, "gpt-4o"), Some(("gpt-4o".into(), 1, "real".into())));
     }
 
     #[test]
     fn patterns_are_tried_in_file_order_not_alphabetical() {
         // "z*" comes first in the file and must win over "*" and "zz*".
         let r = router(&[("z*", 2, "*"), ("zz*", 1, "*"), ("*", 0, "fallback")]);
-        assert_eq!(r.route("zzz").unwrap().1.connection, 2);
-        assert_eq!(r.route("other").unwrap().1.upstream_model("other"), "fallback");
+        assert_eq!(first(&r, "zzz").unwrap().1, 2);
+        assert_eq!(first(&r, "other").unwrap().2, "fallback");
         let r = router(&[("m*", 0, "*")]);
         assert!(r.route("x").is_none());
     }

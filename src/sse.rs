@@ -19,6 +19,50 @@
 use memchr::{memchr, memchr2};
 use std::ops::Range;
 
+/// How a provider frames the events of its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Server-sent events (Anthropic, OpenAI, Gemini's `alt=sse`, Cohere v2).
+    Sse,
+    /// One JSON document per line (Ollama): each non-blank line is an event with that line as
+    /// its `data` and empty `event` and `id`.
+    Ndjson,
+}
+
+/// The decoder for a [`Framing`]: events of either kind come out as [`Event`]s.
+pub enum FramedDecoder {
+    /// Server-sent events.
+    Sse(Decoder),
+    /// NDJSON lines.
+    Lines(LineDecoder),
+}
+
+impl FramedDecoder {
+    /// A decoder for `framing` that fails once one event (or line) exceeds `limit` bytes.
+    pub fn new(framing: Framing, limit: usize) -> Self {
+        match framing {
+            Framing::Sse => FramedDecoder::Sse(Decoder::new(limit)),
+            Framing::Ndjson => FramedDecoder::Lines(LineDecoder::new(limit)),
+        }
+    }
+
+    /// Decodes `chunk`, handing each complete event on.
+    pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(Event<'_>)) -> Result<(), TooLarge> {
+        match self {
+            FramedDecoder::Sse(d) => d.feed(chunk, on_event),
+            FramedDecoder::Lines(d) => d.feed(chunk, |line| on_event(Event { event: b"", data: line, id: b"" })),
+        }
+    }
+
+    /// The stream ended: a last NDJSON line without its LF is complete (an unterminated SSE
+    /// event is discarded, as the WHATWG rules say).
+    pub fn finish(&mut self, mut on_event: impl FnMut(Event<'_>)) {
+        if let FramedDecoder::Lines(d) = self {
+            d.finish(|line| on_event(Event { event: b"", data: line, id: b"" }));
+        }
+    }
+}
+
 /// Finds the ends of events across chunks. State is two bits: whether the current line is still
 /// empty and whether the last byte seen was a CR (whose LF may arrive in the next chunk).
 #[derive(Debug, Clone)]

@@ -11,13 +11,18 @@
 //! (pause between stream chunks, default 0), `x-mock-status` (answer with that status and an
 //! OpenAI error body).
 
-use super::Api;
-use crate::body::Body;
+use super::chunk::{itoa, write_usage, Prefix};
+use super::{Api, Call, Plan, Prepared, Provider, Verdict};
+use crate::body::{Body, Mode, Upstream};
+use crate::config::{ConfigError, RawConnection};
 use crate::error::Error;
 use crate::json::{write_str, Usage};
+use crate::router::Target;
 use base64::Engine as _;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http::header::{HeaderName, HeaderValue};
+use http::{header, HeaderMap, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,11 +81,61 @@ struct VectorCache {
 }
 
 /// A mock answer and the usage it reports.
-pub struct Answer {
-    /// The response.
-    pub response: Response<Body>,
-    /// Its token usage.
-    pub usage: Usage,
+struct Answer {
+    response: Response<Body>,
+    usage: Usage,
+}
+
+/// The knobs the mock reads from request headers (forwarded from the client's request).
+const KNOBS: &[&str] = &["x-mock-chunks", "x-mock-delay-us", "x-mock-status"];
+
+/// A mock connection has no keys of its own.
+pub fn compile(name: &str, raw: &RawConnection) -> Result<(Provider, Vec<(HeaderName, HeaderValue)>), ConfigError> {
+    if raw.api_base.is_some() || raw.api_key.is_some() {
+        return Err(ConfigError(format!("connections.{name}: a mock connection has no api_base or api_key")));
+    }
+    Ok((Provider::Mock, Vec::new()))
+}
+
+/// The request the in-process mock serves: the client's body with the model spliced, to the
+/// endpoint's path, with the `x-mock-*` knobs.
+pub fn prepare(call: &Call<'_>, target: &Target, deadline: std::time::Instant) -> Result<Prepared, Error> {
+    let (parts, _) = super::openai::splice(call, target, false)?;
+    let uri = Uri::from_static(match call.api {
+        Api::Chat => "/v1/chat/completions",
+        Api::Completions => "/v1/completions",
+        Api::Embeddings => "/v1/embeddings",
+    });
+    let mut request = Request::post(uri)
+        .body(Body::chunks(parts, Duration::ZERO))
+        .map_err(|_| Error::invalid_request("bad request"))?;
+    for name in KNOBS {
+        if let Some(v) = call.headers.get(*name) {
+            request.headers_mut().insert(*name, v.clone());
+        }
+    }
+    Ok(Prepared { request, plan: Plan { stream: call.stream, strip_usage: false, include_usage: false, deadline } })
+}
+
+/// The mock's error statuses (`x-mock-status`, invalid knobs) are failures relayed as they are.
+pub fn classify(head: Response<Upstream>) -> Verdict {
+    let status = head.status();
+    if status.is_success() {
+        return Verdict::Success(head);
+    }
+    let r#type = if status.is_client_error() { "invalid_request_error" } else { "api_error" };
+    let error = Error::upstream_status(status, r#type, format!("The mock answered with status {}.", status.as_u16()));
+    Verdict::Failure { error, relay: Some(head) }
+}
+
+/// The mock's own body, and the usage it attached.
+pub fn respond(mut head: Response<Upstream>) -> (Response<Body>, Option<Usage>) {
+    let usage = head.extensions_mut().remove::<Usage>();
+    let response = head.map(|body| match body {
+        Upstream::Local(b) => *b,
+        other => Body::passthrough(other, Mode::Opaque, Duration::from_secs(300), "mock"),
+    });
+    (response, usage)
 }
 
 fn header_num(headers: &HeaderMap, name: &str) -> Result<Option<u64>, Error> {
@@ -96,8 +151,33 @@ fn header_num(headers: &HeaderMap, name: &str) -> Result<Option<u64>, Error> {
 }
 
 impl Mock {
-    /// Answers a request for `model` (already routed) with `body` (already validated JSON).
-    pub fn respond(&self, api: Api, body: &[u8], model: &str, headers: &HeaderMap) -> Result<Answer, Error> {
+    /// Serves one request as an OpenAI-compatible server would: the answer, or an OpenAI error
+    /// with its status; the usage goes in the response's extensions.
+    pub async fn serve(&self, request: Request<Body>) -> Response<Body> {
+        let api = match request.uri().path() {
+            "/v1/chat/completions" => Some(Api::Chat),
+            "/v1/completions" => Some(Api::Completions),
+            "/v1/embeddings" => Some(Api::Embeddings),
+            _ => None,
+        };
+        let (parts, body) = request.into_parts();
+        let answer = match (api, body.collect().await) {
+            (Some(api), Ok(body)) => self.answer(api, &body.to_bytes(), &parts.headers),
+            _ => Err(Error::invalid_request(
+                "The mock serves POST /v1/chat/completions, /v1/completions and /v1/embeddings.",
+            )),
+        };
+        match answer {
+            Ok(Answer { mut response, usage }) => {
+                response.extensions_mut().insert(usage);
+                response
+            }
+            Err(e) => json_response(e.status, vec![Bytes::from(e.to_json())]),
+        }
+    }
+
+    /// Answers a request with `body` (validated JSON).
+    fn answer(&self, api: Api, body: &[u8], headers: &HeaderMap) -> Result<Answer, Error> {
         if let Some(status) = header_num(headers, "x-mock-status")? {
             return error_answer(status);
         }
@@ -107,6 +187,7 @@ impl Mock {
         }
         let delay = Duration::from_micros(header_num(headers, "x-mock-delay-us")?.unwrap_or(0).min(10_000_000));
         let req: Value = serde_json::from_slice(body).map_err(|e| Error::invalid_request(e.to_string()))?;
+        let model = req.get("model").and_then(Value::as_str).unwrap_or("mock");
         let prompt = (body.len() as u64 / 4).max(1);
         match api {
             Api::Embeddings => self.embeddings(&req, model),
@@ -317,105 +398,83 @@ impl Reply<'_> {
         (0..self.chunks).map(Self::piece).collect()
     }
 
-    fn usage_json(&self, out: &mut Vec<u8>) {
-        let u = self.usage;
-        out.extend_from_slice(
-            format!(
-                "{{\"prompt_tokens\":{},\"completion_tokens\":{},\"total_tokens\":{}}}",
-                u.prompt,
-                u.completion,
-                u.prompt + u.completion
-            )
-            .as_bytes(),
-        );
+    fn chat(&self) -> bool {
+        self.api == Api::Chat
     }
 
-    /// `{"id":..,"object":..,"created":..,"model":..,` — the common head of every object.
-    fn head(&self, out: &mut Vec<u8>, object: &str) {
-        let prefix = if self.api == Api::Chat { "chatcmpl" } else { "cmpl" };
-        out.extend_from_slice(
-            format!(
-                "{{\"id\":\"{prefix}-mock-{}\",\"object\":\"{object}\",\"created\":{},\"model\":",
-                self.id, self.created
-            )
-            .as_bytes(),
-        );
-        write_str(out, self.model);
-        out.push(b',');
+    /// The id as a JSON string token.
+    fn id_token(&self) -> Vec<u8> {
+        let prefix = if self.chat() { "chatcmpl" } else { "cmpl" };
+        format!("\"{prefix}-mock-{}\"", self.id).into_bytes()
     }
 
     fn whole(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
         let text = self.text();
-        if self.api == Api::Chat {
-            self.head(&mut out, "chat.completion");
-            out.extend_from_slice(b"\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
+        out.extend_from_slice(b"{\"id\":");
+        out.extend_from_slice(&self.id_token());
+        out.extend_from_slice(if self.chat() {
+            b",\"object\":\"chat.completion\""
+        } else {
+            b",\"object\":\"text_completion\""
+        });
+        out.extend_from_slice(b",\"created\":");
+        out.extend_from_slice(itoa(self.created).as_bytes());
+        out.extend_from_slice(b",\"model\":");
+        write_str(&mut out, self.model);
+        if self.chat() {
+            out.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
             write_str(&mut out, &text);
             out.extend_from_slice(b",\"refusal\":null},\"logprobs\":null,\"finish_reason\":\"stop\"}],\"usage\":");
         } else {
-            self.head(&mut out, "text_completion");
-            out.extend_from_slice(b"\"choices\":[{\"text\":");
+            out.extend_from_slice(b",\"choices\":[{\"text\":");
             write_str(&mut out, &text);
             out.extend_from_slice(b",\"index\":0,\"logprobs\":null,\"finish_reason\":\"stop\"}],\"usage\":");
         }
-        self.usage_json(&mut out);
+        write_usage(&mut out, self.usage, None);
         out.push(b'}');
         out
     }
 
-    /// One event whose choice is `choice` (a JSON object text), or no choice when empty.
-    fn event(&self, choice: &[u8], usage: Option<bool>) -> Bytes {
-        let mut out = Vec::with_capacity(192);
-        out.extend_from_slice(b"data: ");
-        let object = if self.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-        self.head(&mut out, object);
-        out.extend_from_slice(b"\"choices\":[");
-        out.extend_from_slice(choice);
-        out.push(b']');
-        match usage {
-            Some(true) => {
-                out.extend_from_slice(b",\"usage\":");
-                self.usage_json(&mut out);
-            }
-            Some(false) => out.extend_from_slice(b",\"usage\":null"),
-            None => {}
-        }
-        out.extend_from_slice(b"}\n\n");
-        Bytes::from(out)
-    }
-
     fn stream(&self, include_usage: bool) -> Vec<Bytes> {
         let mut events = Vec::with_capacity(self.chunks + 4);
-        let null_usage = include_usage.then_some(false);
-        let chat = self.api == Api::Chat;
+        let chat = self.chat();
+        let mut prefix = Prefix::default();
+        let mut model = Vec::with_capacity(self.model.len() + 2);
+        write_str(&mut model, self.model);
+        let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+        prefix.set(object, &self.id_token(), self.created, &model);
+        let mut event = |choice: &[&[u8]]| {
+            let mut out = Vec::with_capacity(192);
+            prefix.chunk(&mut out, choice.iter().copied(), include_usage);
+            events.push(Bytes::from(out));
+        };
         if chat {
-            events.push(self.event(
-                b"{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null},\"logprobs\":null,\"finish_reason\":null}",
-                null_usage,
-            ));
+            event(&[b"{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null},\"logprobs\":null,\"finish_reason\":null}"]);
         }
-        let mut choice = Vec::with_capacity(96);
+        let mut piece = Vec::with_capacity(32);
         for i in 0..self.chunks {
-            choice.clear();
-            choice.extend_from_slice(if chat { b"{\"index\":0,\"delta\":{\"content\":" } else { b"{\"text\":" });
-            write_str(&mut choice, Self::piece(i));
-            choice.extend_from_slice(if chat {
-                b"},\"logprobs\":null,\"finish_reason\":null}"
-            } else {
-                b",\"index\":0,\"logprobs\":null,\"finish_reason\":null}"
-            });
-            events.push(self.event(&choice, null_usage));
-        }
-        events.push(self.event(
+            piece.clear();
+            write_str(&mut piece, Self::piece(i));
             if chat {
-                b"{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":\"stop\"}"
+                event(&[
+                    b"{\"index\":0,\"delta\":{\"content\":",
+                    &piece,
+                    b"},\"logprobs\":null,\"finish_reason\":null}",
+                ]);
             } else {
-                b"{\"text\":\"\",\"index\":0,\"logprobs\":null,\"finish_reason\":\"stop\"}"
-            },
-            null_usage,
-        ));
+                event(&[b"{\"text\":", &piece, b",\"index\":0,\"logprobs\":null,\"finish_reason\":null}"]);
+            }
+        }
+        if chat {
+            event(&[b"{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":\"stop\"}"]);
+        } else {
+            event(&[b"{\"text\":\"\",\"index\":0,\"logprobs\":null,\"finish_reason\":\"stop\"}"]);
+        }
         if include_usage {
-            events.push(self.event(b"", Some(true)));
+            let mut out = Vec::with_capacity(192);
+            prefix.usage_chunk(&mut out, self.usage, None);
+            events.push(Bytes::from(out));
         }
         events.push(Bytes::from_static(b"data: [DONE]\n\n"));
         events
@@ -464,7 +523,7 @@ mod tests {
     }
 
     fn embed(mock: &Mock, body: &Value) -> Result<Answer, Error> {
-        mock.respond(Api::Embeddings, body.to_string().as_bytes(), "m", &HeaderMap::new())
+        mock.answer(Api::Embeddings, body.to_string().as_bytes(), &HeaderMap::new())
     }
 
     #[test]
@@ -512,7 +571,7 @@ mod tests {
     fn mock_status_header_gives_an_openai_error() {
         let mut h = HeaderMap::new();
         h.insert("x-mock-status", HeaderValue::from_static("503"));
-        let a = Mock::default().respond(Api::Chat, b"{}", "m", &h).ok().unwrap();
+        let a = Mock::default().answer(Api::Chat, b"{}", &h).ok().unwrap();
         assert_eq!(a.response.status(), 503);
     }
 }

@@ -1,7 +1,7 @@
 //! Providers: what each `api_type` does with a routed request.
 //!
-//! The set of providers is closed, so it is an enum ([`crate::config::ApiType`]) matched in
-//! `Proxy::handle`, with one file per provider:
+//! The set of providers is closed, so it is an enum ([`Provider`], one variant per
+//! [`ApiType`]), with one file per provider:
 //! - [`openai`]: OpenAI and every OpenAI-compatible server. Same dialect as the client, so the
 //!   request is passed through with at most the model spliced and usage requested, and the
 //!   response is forwarded untouched but for the usage event the gateway itself asked for.
@@ -9,35 +9,206 @@
 //!   event by event by a [`Translate`] object.
 //! - [`mock`]: the built-in mock, answering in-process with deterministic, pre-rendered output.
 //!
+//! Every provider, the mock included, answers the same three questions, and the request flow
+//! (`Proxy::forward`) never matches on a provider to do something special:
+//! - [`Provider::prepare`]: the upstream request for one attempt, from the parsed client request
+//!   ([`Call`]) and a [`Target`]. The URI, the credential and the body are built per attempt, so
+//!   a model in the path, a query string or a per-request signature fit; the client's body is
+//!   shared `Bytes`, never copied again, so preparing a retry is cheap.
+//! - [`Provider::classify`]: from the upstream's response head, a [`Verdict`] before anything is
+//!   committed to the client: success, or a failure with its [`Error`] (whose kind says whether
+//!   another attempt may help, and whose `retry_after` says when). A non-2xx answer may be read
+//!   (at most [`ERROR_BODY_LIMIT`] bytes) where the provider puts the facts in the body.
+//! - [`Provider::respond`]: the client's response from the upstream's: passthrough, translation,
+//!   or the mock's own body.
+//!
 //! [`Translate`] is the one trait for stream rewriting: one object per response holds the
-//! provider-specific state (ids, tool-call index map, usage) and appends OpenAI SSE bytes to the
-//! body's reused buffer, and says how its upstream frames events ([`Framing`]: SSE, or NDJSON
-//! lines for Ollama-style streams), so the body drives the right decoder. A new provider is one
-//! file implementing it plus its fixtures.
+//! provider-specific state (ids, tool-call index map, usage) and appends OpenAI SSE bytes, written
+//! with [`chunk`], to the body's reused buffer. It names its upstream [`Framing`] (SSE, or NDJSON
+//! lines) so the body drives the matching decoder, and gets an end-of-stream hook for providers
+//! whose streams end at EOF. A new provider is one file implementing the three questions (and a
+//! translator) plus its fixtures.
 
 pub mod anthropic;
+pub mod chunk;
 pub mod mock;
 pub mod openai;
 
-use crate::body::Body;
-use crate::config::Connection;
-use crate::error::Error;
-use crate::json::Usage;
+use crate::body::{Body, Upstream};
+use crate::config::{ConfigError, Connection, RawConnection};
+use crate::error::{Error, Kind};
+use crate::json::{RequestFields, Usage};
+use crate::router::Target;
 use crate::sse::Event;
+pub use crate::sse::Framing;
 use bytes::Bytes;
 use bytes::BytesMut;
 use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{Request, Uri};
-use std::time::Duration;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+use serde::Deserialize;
+use std::time::{Duration, Instant};
 
-/// How a provider frames the events of its stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// Server-sent events (Anthropic, OpenAI, Gemini's `alt=sse`, Cohere v2).
-    Sse,
-    /// One JSON document per line (Ollama): each non-blank line reaches
-    /// [`Translate::event`] as an event with that line as its `data` and empty `event` and `id`.
-    Ndjson,
+/// The protocol a connection speaks (`api_type` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiType {
+    /// OpenAI and every OpenAI-compatible server (vLLM, TGI, Groq, Mistral, llama.cpp, ...).
+    #[serde(alias = "open_ai")]
+    Openai,
+    /// Anthropic's Messages API: OpenAI chat requests and responses are translated.
+    Anthropic,
+    /// The built-in mock: answers in-process, no network hop.
+    Mock,
+}
+
+impl ApiType {
+    /// The name as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            ApiType::Openai => "openai",
+            ApiType::Anthropic => "anthropic",
+            ApiType::Mock => "mock",
+        }
+    }
+}
+
+/// A connection's provider and the settings only it uses.
+#[derive(Debug)]
+pub enum Provider {
+    /// OpenAI-compatible passthrough.
+    Openai(openai::Settings),
+    /// Anthropic Messages, translated.
+    Anthropic(anthropic::Settings),
+    /// The built-in mock.
+    Mock,
+}
+
+/// The client's request as the flow parsed it; shared by every attempt.
+pub struct Call<'a> {
+    /// The endpoint.
+    pub api: Api,
+    /// The whole body, validated JSON.
+    pub body: &'a Bytes,
+    /// Where `model`, `stream` and `stream_options` are in it.
+    pub fields: &'a RequestFields,
+    /// The model as requested.
+    pub model: &'a str,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The client's headers (forwarded only through allow-lists).
+    pub headers: &'a HeaderMap,
+}
+
+/// An upstream request for one attempt, and what the response side needs to know of it.
+pub struct Prepared {
+    /// The request to send.
+    pub request: Request<Body>,
+    /// How to read the answer.
+    pub plan: Plan,
+}
+
+/// How an attempt's answer is to be read.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// The client gets a stream.
+    pub stream: bool,
+    /// The gateway asked for stream usage on the client's behalf: passthrough removes the
+    /// usage-only event.
+    pub strip_usage: bool,
+    /// The client asked for the usage chunk (read by translators, which emit it).
+    pub include_usage: bool,
+    /// When the whole answer must have arrived, for answers read whole (non-stream bodies,
+    /// error bodies), and when the response head must have arrived, for every answer: the
+    /// attempt's start plus the connection's `header_timeout`.
+    pub deadline: Instant,
+}
+
+/// The upstream's answer to one attempt, judged before anything reaches the client.
+pub enum Verdict {
+    /// A usable answer: respond with it.
+    Success(Response<Upstream>),
+    /// A failure. `error` says what it was and whether another attempt may help; `relay` is the
+    /// upstream's own answer, passed to the client when no other attempt follows (same-dialect
+    /// providers relay error bodies as they are; others render `error`).
+    Failure {
+        /// What went wrong.
+        error: Error,
+        /// The upstream's answer to pass through instead of rendering `error`.
+        relay: Option<Response<Upstream>>,
+    },
+}
+
+/// The largest upstream error body read to classify a failure.
+pub const ERROR_BODY_LIMIT: usize = 64 << 10;
+
+impl Provider {
+    /// Compiles the provider-specific keys of a connection; returns the provider and the headers
+    /// that carry its credential.
+    pub fn compile(
+        api_type: ApiType,
+        name: &str,
+        raw: &RawConnection,
+        secrets: &mut crate::config::Secrets<'_>,
+    ) -> Result<(Provider, Vec<(HeaderName, HeaderValue)>), ConfigError> {
+        match api_type {
+            ApiType::Openai => openai::Settings::compile(name, raw, secrets),
+            ApiType::Anthropic => anthropic::Settings::compile(name, raw, secrets),
+            ApiType::Mock => mock::compile(name, raw),
+        }
+    }
+
+    /// The `api_type` it was configured with.
+    pub fn api_type(&self) -> ApiType {
+        match self {
+            Provider::Openai(_) => ApiType::Openai,
+            Provider::Anthropic(_) => ApiType::Anthropic,
+            Provider::Mock => ApiType::Mock,
+        }
+    }
+
+    /// The base URL requests go to, for summaries; `None` for in-process providers.
+    pub fn base_url(&self) -> Option<&str> {
+        match self {
+            Provider::Openai(s) => Some(&s.base),
+            Provider::Anthropic(s) => Some(&s.base),
+            Provider::Mock => None,
+        }
+    }
+
+    /// The upstream request for one attempt at `target`.
+    pub fn prepare(&self, conn: &Connection, call: &Call<'_>, target: &Target) -> Result<Prepared, Error> {
+        let deadline = Instant::now() + conn.timeouts.header;
+        match self {
+            Provider::Openai(s) => s.prepare(conn, call, target, deadline),
+            Provider::Anthropic(s) => s.prepare(conn, call, target, deadline),
+            Provider::Mock => mock::prepare(call, target, deadline),
+        }
+    }
+
+    /// Judges the upstream's response head (reading a bounded error body where needed).
+    pub async fn classify(&self, conn: &Connection, head: Response<Upstream>, plan: &Plan) -> Verdict {
+        match self {
+            Provider::Openai(_) => openai::classify(conn, head),
+            Provider::Anthropic(_) => anthropic::classify(conn, head, plan).await,
+            Provider::Mock => mock::classify(head),
+        }
+    }
+
+    /// The client's response from a successful (or relayed) upstream answer, and the usage
+    /// already known (non-stream bodies read whole); streams record their usage as they go.
+    pub async fn respond(
+        &self,
+        conn: &Connection,
+        head: Response<Upstream>,
+        plan: &Plan,
+    ) -> Result<(Response<Body>, Option<Usage>), Error> {
+        match self {
+            Provider::Openai(_) => openai::respond(conn, head, plan).map(|r| (r, None)),
+            Provider::Anthropic(_) => anthropic::respond(conn, head, plan).await,
+            Provider::Mock => Ok(mock::respond(head)),
+        }
+    }
 }
 
 /// Rewrites one provider response stream into OpenAI `chat.completion.chunk` SSE.
@@ -51,6 +222,16 @@ pub trait Translate: Send {
     /// upstream reported in the stream comes back as `Err`; the body sends it as the final
     /// event. Events after the end are ignored.
     fn event(&mut self, event: &Event<'_>, out: &mut BytesMut) -> Result<(), Error>;
+
+    /// The upstream stream ended (EOF), after every event was handed to [`Translate::event`]. A
+    /// provider whose streams end at EOF with no end event (Gemini) writes its last chunks and
+    /// `[DONE]` here; the default says a stream that is not [`Translate::done`] was cut short.
+    fn finish(&mut self, _out: &mut BytesMut) -> Result<(), Error> {
+        if self.done() {
+            return Ok(());
+        }
+        Err(Error::upstream_failure(Kind::UpstreamBroken, "the upstream stream ended before it was complete"))
+    }
 
     /// Whether the stream is complete (`[DONE]` written, or an error returned).
     fn done(&self) -> bool;
@@ -102,7 +283,7 @@ pub fn forwarded(name: &HeaderName, allowed: &[&str], conn: &Connection, client_
 /// A JSON POST to `uri` carrying `parts` (sent as they are, one frame each): `content-type`,
 /// `content-length`, `accept-encoding: identity` (so usage can be read, and the client gets what
 /// it would get uncompressed), the client headers [`forwarded`] allows, then the connection's
-/// own headers (its key first).
+/// own headers (its credential first).
 pub fn upstream_post(
     conn: &Connection,
     uri: &Uri,
@@ -113,7 +294,7 @@ pub fn upstream_post(
     let len: usize = parts.iter().map(Bytes::len).sum();
     let mut req = Request::post(uri.clone())
         .body(Body::chunks(parts, Duration::ZERO))
-        .map_err(|_| Error::bad_gateway("could not build the upstream request"))?;
+        .map_err(|_| Error::upstream_failure(Kind::UpstreamUnreachable, "could not build the upstream request"))?;
     let h = req.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CONTENT_LENGTH, HeaderValue::from(len));
@@ -127,6 +308,61 @@ pub fn upstream_post(
         h.insert(name.clone(), value.clone());
     }
     Ok(req)
+}
+
+/// Reads a whole upstream body of at most `limit` bytes by `deadline`.
+pub async fn read_body(conn: &Connection, body: Upstream, limit: usize, deadline: Instant) -> Result<Bytes, Error> {
+    let collect = Limited::new(body, limit).collect();
+    match tokio::time::timeout_at(deadline.into(), collect).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Error::upstream_failure(
+            Kind::UpstreamMalformed,
+            format!("Connection `{}`: the upstream body is larger than {limit} bytes.", conn.name),
+        )),
+        Ok(Err(_)) => Err(Error::upstream_failure(
+            Kind::UpstreamBroken,
+            format!("Connection `{}`: the upstream connection failed while sending its body.", conn.name),
+        )),
+        Err(_) => Err(Error::upstream_failure(
+            Kind::UpstreamTimeout,
+            format!("Connection `{}`: the upstream body did not arrive within {:?}.", conn.name, conn.timeouts.header),
+        )),
+    }
+}
+
+/// The delay an upstream asked for before a retry: `retry-after-ms` (OpenAI's, milliseconds),
+/// else `retry-after` in seconds (RFC 9110 §10.2.3; the HTTP-date form is not used by LLM
+/// providers and is ignored).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
+    let ms = number("retry-after-ms").map(|ms| ms / 1e3);
+    ms.or_else(|| number("retry-after")).filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e7).map(Duration::from_secs_f64)
+}
+
+/// Whether a response head says its body is SSE.
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// The error for a non-2xx answer of an OpenAI-dialect upstream, from its status alone (OpenAI
+/// puts retry facts in headers, not the body): the status is kept, 401/403 mean the gateway's own
+/// key was refused.
+pub fn status_error(conn: &Connection, status: StatusCode, headers: &HeaderMap) -> Error {
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Error::upstream_auth(&conn.name, status);
+    }
+    let r#type = match status.as_u16() {
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    };
+    let mut e = Error::upstream_status(
+        status,
+        r#type,
+        format!("Connection `{}` answered with status {}.", conn.name, status.as_u16()),
+    );
+    e.retry_after = retry_after(headers);
+    e
 }
 
 /// Seconds since the Unix epoch, for `created` fields.
@@ -158,5 +394,33 @@ impl Api {
     /// Whether the endpoint can stream.
     pub fn streams(self) -> bool {
         !matches!(self, Api::Embeddings)
+    }
+
+    /// The wire dialect of the endpoint (errors render in it).
+    pub fn dialect(self) -> crate::error::Dialect {
+        crate::error::Dialect::Openai
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v))).collect()
+    }
+
+    #[test]
+    fn retry_after_reads_milliseconds_first_then_seconds() {
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "1500"), ("retry-after", "9")])),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(retry_after(&headers(&[("retry-after", " 2 ")])), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&headers(&[("retry-after", "0.25")])), Some(Duration::from_millis(250)));
+        for bad in ["Wed, 21 Oct 2015 07:28:00 GMT", "-1", "NaN", "1e12", ""] {
+            assert_eq!(retry_after(&headers(&[("retry-after", bad)])), None, "{bad}");
+        }
+        assert_eq!(retry_after(&headers(&[])), None);
     }
 }

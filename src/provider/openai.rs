@@ -13,16 +13,17 @@
 //! key: those become 502 naming the connection, and the upstream body (which may echo key
 //! fragments) is dropped.
 
-use super::Api;
-use crate::body::{Body, Mode};
-use crate::config::Connection;
-use crate::error::Error;
-use crate::json::{self, RequestFields};
+use super::{Api, Call, Plan, Prepared, Provider, Verdict};
+use crate::body::{Body, Mode, Upstream};
+use crate::config::{ConfigError, Connection, RawConnection, Secrets};
+use crate::error::{Error, Kind};
+use crate::json;
 use crate::router::Target;
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
-use http::{Request, Response, StatusCode};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, Uri};
 use std::ops::Range;
+use std::time::Instant;
 
 /// Client request headers forwarded upstream (besides `content-type`, always set).
 const REQUEST_HEADERS: &[&str] =
@@ -48,32 +49,87 @@ const RESPONSE_HEADERS: &[&str] = &[
 /// `x-ratelimit-remaining-tokens`, `x-ratelimit-reset-requests`, ...), forwarded as a family.
 const RATE_LIMIT_PREFIX: &str = "x-ratelimit-";
 
-/// An upstream request built from a client request, and whether the usage-only event must be
-/// removed from the response stream.
-pub struct Upstream {
-    /// The request to send.
-    pub request: Request<Body>,
-    /// The gateway asked for stream usage on the client's behalf.
-    pub strip_usage: bool,
+/// OpenAI's API base URL, as the OpenAI SDKs' `base_url` (with `/v1`).
+const DEFAULT_BASE: &str = "https://api.openai.com/v1";
+
+/// An OpenAI-compatible connection's own settings.
+#[derive(Debug)]
+pub struct Settings {
+    /// The base URL as configured (for summaries).
+    pub base: String,
+    chat: Uri,
+    completions: Uri,
+    embeddings: Uri,
+    /// Ask streams for `stream_options.include_usage` (off for servers that reject it).
+    pub stream_usage: bool,
 }
 
-/// Builds the upstream request: splices the model and, for streams, `include_usage`.
-pub fn request(
-    conn: &Connection,
-    api: Api,
-    body: Bytes,
-    fields: &RequestFields,
-    stream: bool,
-    target: &Target,
-    client_headers: &HeaderMap,
-) -> Result<Upstream, Error> {
+impl Settings {
+    /// Compiles `api_base`, `api_key` (sent as `Authorization: Bearer`) and `stream_usage`.
+    pub fn compile(
+        name: &str,
+        raw: &RawConnection,
+        secrets: &mut Secrets<'_>,
+    ) -> Result<(Provider, Vec<(HeaderName, HeaderValue)>), ConfigError> {
+        let key = |k: &str| format!("connections.{name}.{k}");
+        let base = secrets.base(raw, DEFAULT_BASE);
+        let mut headers = Vec::new();
+        if let Some(k) = &raw.api_key {
+            if let Some(v) = secrets.resolve(key("api_key"), k) {
+                let value = crate::config::header_value(&key("api_key"), &format!("Bearer {}", v.trim()))?;
+                headers.push((header::AUTHORIZATION, value));
+            }
+        }
+        let url = |path: &str| crate::config::endpoint_url(&key("api_base"), &base, path);
+        let settings = Settings {
+            chat: url("/chat/completions")?,
+            completions: url("/completions")?,
+            embeddings: url("/embeddings")?,
+            base,
+            stream_usage: raw.stream_usage.unwrap_or(true),
+        };
+        Ok((Provider::Openai(settings), headers))
+    }
+
+    /// The upstream URL of an endpoint: `{api_base}/chat/completions`, `/completions`,
+    /// `/embeddings`.
+    pub fn uri(&self, api: Api) -> &Uri {
+        match api {
+            Api::Chat => &self.chat,
+            Api::Completions => &self.completions,
+            Api::Embeddings => &self.embeddings,
+        }
+    }
+
+    /// The upstream request: the client's body with the model spliced and, for streams,
+    /// `include_usage` asked for.
+    pub fn prepare(
+        &self,
+        conn: &Connection,
+        call: &Call<'_>,
+        target: &Target,
+        deadline: Instant,
+    ) -> Result<Prepared, Error> {
+        let (parts, strip_usage) = splice(call, target, call.stream && self.stream_usage)?;
+        let request = super::upstream_post(conn, self.uri(call.api), parts, REQUEST_HEADERS, call.headers)?;
+        // Passthrough forwards the usage chunk the client asked for as it comes: `include_usage` is
+        // for translators.
+        Ok(Prepared { request, plan: Plan { stream: call.stream, strip_usage, include_usage: false, deadline } })
+    }
+}
+
+/// The client's body as slices of its own buffer with the model (when routing renames it) and,
+/// when `ask_usage`, `include_usage` spliced in; and whether the gateway asked for usage on the
+/// client's behalf (so the usage-only event must be removed from the stream).
+pub fn splice(call: &Call<'_>, target: &Target, ask_usage: bool) -> Result<(Vec<Bytes>, bool), Error> {
+    let body = call.body;
     let mut edits: Vec<(Range<usize>, Bytes)> = Vec::with_capacity(2);
-    if let (Some(m), Some(range)) = (&target.model, &fields.model) {
+    if let (Some(m), Some(range)) = (&target.model, &call.fields.model) {
         edits.push((range.clone(), m.json.clone()));
     }
     let mut strip_usage = false;
-    if stream && api.streams() && conn.stream_usage {
-        if let Some(edit) = usage_edit(&body, fields.stream_options.clone())? {
+    if ask_usage && call.api.streams() {
+        if let Some(edit) = usage_edit(body, call.fields.stream_options.clone())? {
             edits.push(edit);
             strip_usage = true;
         }
@@ -92,15 +148,7 @@ pub fn request(
     if at < body.len() {
         parts.push(body.slice(at..));
     }
-    let urls = conn.urls.as_ref().ok_or_else(|| Error::unavailable("connection has no URL"))?;
-    let uri = match api {
-        Api::Chat => Some(&urls.chat),
-        Api::Completions => urls.completions.as_ref(),
-        Api::Embeddings => urls.embeddings.as_ref(),
-    }
-    .ok_or_else(|| Error::unavailable(format!("Connection `{}` does not serve this endpoint.", conn.name)))?;
-    let req = super::upstream_post(conn, uri, parts, REQUEST_HEADERS, client_headers)?;
-    Ok(Upstream { request: req, strip_usage })
+    Ok((parts, strip_usage))
 }
 
 /// The splice that makes a stream request ask for usage, or `None` when the client already
@@ -148,48 +196,49 @@ fn usage_edit(body: &[u8], options: Option<Range<usize>>) -> Result<Option<(Rang
     })
 }
 
-/// Turns the upstream response into the client's response.
-pub fn response(
-    conn: &Connection,
-    resp: Response<hyper::body::Incoming>,
-    stream: bool,
-    strip_usage: bool,
-) -> Result<Response<Body>, Error> {
-    let status = resp.status();
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        return Err(Error::bad_gateway(format!(
-            "Connection `{}` rejected the gateway's credentials (upstream status {}). \
-             Check the connection's api_key.",
-            conn.name,
-            status.as_u16()
-        )));
+/// 2xx is a success; any other status a failure whose body is relayed as it is (it is already
+/// an OpenAI error) when no other attempt follows; 401/403 mean the provider rejected the
+/// gateway's key: those are never relayed (the body may echo key fragments).
+pub fn classify(conn: &Connection, head: Response<Upstream>) -> Verdict {
+    let status = head.status();
+    if status.is_success() {
+        return Verdict::Success(head);
     }
-    let (parts, incoming) = resp.into_parts();
-    let content_type = parts.headers.get(header::CONTENT_TYPE);
-    let is_sse = content_type.is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let error = super::status_error(conn, status, head.headers());
+    let relay = (error.kind != Kind::UpstreamAuth).then_some(head);
+    Verdict::Failure { error, relay }
+}
+
+/// The client's response: the upstream's status, allow-listed headers and body, forwarded as
+/// it arrives and observed for usage.
+pub fn respond(conn: &Connection, head: Response<Upstream>, plan: &Plan) -> Result<Response<Body>, Error> {
+    let status = head.status();
+    let (parts, upstream) = head.into_parts();
+    let is_sse = super::is_event_stream(&parts.headers);
     let encoded = parts.headers.get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity");
     let mode = match () {
         _ if !status.is_success() || encoded => Mode::Opaque,
-        _ if is_sse && stream => Mode::sse(strip_usage),
+        _ if is_sse && plan.stream => Mode::sse(plan.strip_usage),
         _ if is_sse => Mode::Opaque,
         _ => Mode::json(),
     };
     let keeps_length = !matches!(mode, Mode::Sse(_));
     let mut out = Response::builder().status(status);
-    let h = out.headers_mut().expect("builder has no error yet");
-    for (name, value) in &parts.headers {
-        let n = name.as_str();
-        if n == "content-type"
-            || RESPONSE_HEADERS.contains(&n)
-            || n.starts_with(RATE_LIMIT_PREFIX)
-            || (n == "content-length" && keeps_length)
-            || (n == "content-encoding" && encoded)
-        {
-            h.append(name.clone(), value.clone());
+    if let Some(h) = out.headers_mut() {
+        for (name, value) in &parts.headers {
+            let n = name.as_str();
+            if n == "content-type"
+                || RESPONSE_HEADERS.contains(&n)
+                || n.starts_with(RATE_LIMIT_PREFIX)
+                || (n == "content-length" && keeps_length)
+                || (n == "content-encoding" && encoded)
+            {
+                h.append(name.clone(), value.clone());
+            }
         }
     }
-    let body = Body::passthrough(incoming, mode, conn.timeouts.idle, &conn.name);
-    out.body(body).map_err(|_| Error::bad_gateway("could not build the response"))
+    let body = Body::passthrough(upstream, mode, conn.timeouts.idle, &conn.name);
+    out.body(body).map_err(|_| Error::upstream_failure(Kind::UpstreamMalformed, "could not build the response"))
 }
 
 #[cfg(test)]

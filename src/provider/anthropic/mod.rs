@@ -11,75 +11,134 @@
 pub mod request;
 pub mod stream;
 
-use super::Translate;
-use crate::body::{Body, Mode};
-use crate::config::Connection;
-use crate::error::Error;
+use super::{Api, Call, Plan, Prepared, Translate, Verdict};
+use crate::body::{Body, Mode, Upstream};
+use crate::config::{ConfigError, Connection, RawConnection, Secrets};
+use crate::error::{Error, Kind};
 use crate::json::{self, Raw, Usage};
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use crate::router::Target;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode, Uri};
 use serde::Deserialize;
+use std::time::Instant;
 
-/// Largest non-stream or error body read whole.
+/// Largest non-stream body read whole.
 const MAX_BODY: usize = 64 << 20;
 
 /// Client headers forwarded to Anthropic.
 const REQUEST_HEADERS: &[&str] = &["user-agent", "anthropic-beta", "x-request-id"];
 
-/// Builds the upstream Messages request.
-pub fn upstream_request(
-    conn: &Connection,
-    translated: &request::Translated,
-    client_headers: &HeaderMap,
-) -> Result<Request<Body>, Error> {
-    let urls = conn.urls.as_ref().ok_or_else(|| Error::unavailable("connection has no URL"))?;
-    super::upstream_post(conn, &urls.chat, vec![translated.body.clone()], REQUEST_HEADERS, client_headers)
+/// The Anthropic API's base URL, as the Anthropic SDKs' `base_url` (without `/v1`).
+const DEFAULT_BASE: &str = "https://api.anthropic.com";
+/// The `anthropic-version` header value (<https://docs.anthropic.com/en/api/versioning>).
+const DEFAULT_VERSION: &str = "2023-06-01";
+/// `max_tokens` when the client gives none: the Messages API requires one.
+const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// An Anthropic connection's own settings.
+#[derive(Debug)]
+pub struct Settings {
+    /// The base URL as configured (for summaries).
+    pub base: String,
+    /// `{base}/v1/messages`.
+    pub messages: Uri,
+    /// `max_tokens` sent when the client gives none.
+    pub default_max_tokens: u64,
 }
 
-/// Turns the Messages response into the client's: a translated stream, a translated message,
-/// or a mapped error.
-pub async fn response(
-    conn: &Connection,
-    resp: Response<Incoming>,
-    translated: &request::Translated,
-) -> Result<(Response<Body>, Option<Usage>), Error> {
-    let status = resp.status();
-    if !status.is_success() {
-        let body = read(conn, resp.into_body()).await.unwrap_or_default();
-        return Err(error_of(&conn.name, status, &body));
+impl Settings {
+    /// Compiles `api_base`, `api_key` (sent as `x-api-key`), `anthropic_version` and
+    /// `default_max_tokens`.
+    pub fn compile(
+        name: &str,
+        raw: &RawConnection,
+        secrets: &mut Secrets<'_>,
+    ) -> Result<(super::Provider, Vec<(HeaderName, HeaderValue)>), ConfigError> {
+        let key = |k: &str| format!("connections.{name}.{k}");
+        let base = secrets.base(raw, DEFAULT_BASE);
+        let mut headers = Vec::new();
+        let Some(api_key) = &raw.api_key else {
+            return Err(ConfigError(format!("{}: an anthropic connection needs a key", key("api_key"))));
+        };
+        if let Some(v) = secrets.resolve(key("api_key"), api_key) {
+            headers
+                .push((HeaderName::from_static("x-api-key"), crate::config::header_value(&key("api_key"), v.trim())?));
+        }
+        let version = raw.anthropic_version.as_deref().unwrap_or(DEFAULT_VERSION);
+        headers.push((
+            HeaderName::from_static("anthropic-version"),
+            crate::config::header_value(&key("anthropic_version"), version)?,
+        ));
+        let default_max_tokens = raw.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        if default_max_tokens == 0 {
+            return Err(ConfigError(format!("{}: must be at least 1", key("default_max_tokens"))));
+        }
+        let messages = crate::config::endpoint_url(&key("api_base"), &base, "/v1/messages")?;
+        Ok((super::Provider::Anthropic(Settings { base, messages, default_max_tokens }), headers))
     }
-    let is_sse =
-        resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if translated.stream && is_sse {
-        let translator: Box<dyn Translate> = Box::new(stream::Stream::new(translated.include_usage));
-        let body = Body::passthrough(resp.into_body(), Mode::translate(translator), conn.timeouts.idle, &conn.name);
+
+    /// The Messages request for a chat call.
+    pub fn prepare(
+        &self,
+        conn: &Connection,
+        call: &Call<'_>,
+        target: &Target,
+        deadline: Instant,
+    ) -> Result<Prepared, Error> {
+        if call.api != Api::Chat {
+            return Err(Error::invalid_request(format!(
+                "Model `{}` is served by an Anthropic connection, which has no /v1/{} endpoint.",
+                call.model,
+                call.api.name()
+            ))
+            .param("model"));
+        }
+        let translated = request::translate(call.body, target.upstream_model(call.model), self.default_max_tokens)?;
+        let request = super::upstream_post(conn, &self.messages, vec![translated.body], REQUEST_HEADERS, call.headers)?;
+        let plan =
+            Plan { stream: translated.stream, strip_usage: false, include_usage: translated.include_usage, deadline };
+        Ok(Prepared { request, plan })
+    }
+}
+
+/// A non-2xx answer is read (bounded) and mapped by its Anthropic error type, which decides the
+/// status and whether another attempt may help (`overloaded_error`, `rate_limit_error`).
+pub async fn classify(conn: &Connection, head: Response<Upstream>, plan: &Plan) -> Verdict {
+    let status = head.status();
+    if status.is_success() {
+        return Verdict::Success(head);
+    }
+    let (parts, body) = head.into_parts();
+    let body = super::read_body(conn, body, super::ERROR_BODY_LIMIT, plan.deadline).await.unwrap_or_default();
+    let mut error = error_of(&conn.name, status, &body);
+    error.retry_after = super::retry_after(&parts.headers);
+    Verdict::Failure { error, relay: None }
+}
+
+/// The client's response: a translated stream, or a translated message and its usage.
+pub async fn respond(
+    conn: &Connection,
+    head: Response<Upstream>,
+    plan: &Plan,
+) -> Result<(Response<Body>, Option<Usage>), Error> {
+    if plan.stream && super::is_event_stream(head.headers()) {
+        let translator: Box<dyn Translate> = Box::new(stream::Stream::new(plan.include_usage));
+        let body = Body::passthrough(head.into_body(), Mode::translate(translator), conn.timeouts.idle, &conn.name);
         let mut r = Response::new(body);
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok((r, None));
     }
-    let body = read(conn, resp.into_body()).await?;
+    let body = super::read_body(conn, head.into_body(), MAX_BODY, plan.deadline).await?;
     let (out, usage) = message(&body).ok_or_else(|| {
-        Error::bad_gateway(format!("Connection `{}`: the upstream answered with an unreadable message.", conn.name))
+        Error::upstream_failure(
+            Kind::UpstreamMalformed,
+            format!("Connection `{}`: the upstream answered with an unreadable message.", conn.name),
+        )
     })?;
     let mut r = Response::new(Body::full(out));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok((r, Some(usage)))
-}
-
-/// Reads a whole upstream body, bounded in size and by the idle timeout.
-async fn read(conn: &Connection, body: Incoming) -> Result<Bytes, Error> {
-    let collect = Limited::new(body, MAX_BODY).collect();
-    match tokio::time::timeout(conn.timeouts.idle, collect).await {
-        Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(_)) => {
-            Err(Error::bad_gateway(format!("Connection `{}`: the upstream body failed or was too large.", conn.name)))
-        }
-        Err(_) => Err(Error::timeout(format!("Connection `{}`: the upstream body stalled.", conn.name))),
-    }
 }
 
 /// The OpenAI error `type` for an Anthropic one, as a static string.
@@ -115,26 +174,23 @@ struct ErrorDetail {
 /// proxy's HTML page, an empty body) or a type without a mapping falls back on the status.
 pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        return Error::bad_gateway(format!(
-            "Connection `{connection}` rejected the gateway's credentials (upstream status {}). Check the connection's api_key.",
-            status.as_u16()
-        ));
+        return Error::upstream_auth(connection, status);
     }
     let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(body) else {
         return error_of_status(connection, status, None);
     };
     let message = error.message;
     match error.kind.as_str() {
-        "invalid_request_error" => Error::upstream(StatusCode::BAD_REQUEST, "invalid_request_error", message),
-        "not_found_error" => Error::upstream(StatusCode::NOT_FOUND, "invalid_request_error", message),
-        "request_too_large" => Error::upstream(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message),
-        "rate_limit_error" => Error::upstream(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message),
-        "overloaded_error" => {
-            Error::upstream(StatusCode::SERVICE_UNAVAILABLE, "api_error", format!("Anthropic is overloaded: {message}"))
-        }
-        "authentication_error" | "permission_error" => Error::bad_gateway(format!(
-            "Connection `{connection}` rejected the gateway's credentials. Check the connection's api_key."
-        )),
+        "invalid_request_error" => Error::upstream_status(StatusCode::BAD_REQUEST, "invalid_request_error", message),
+        "not_found_error" => Error::upstream_status(StatusCode::NOT_FOUND, "invalid_request_error", message),
+        "request_too_large" => Error::upstream_status(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message),
+        "rate_limit_error" => Error::upstream_status(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message),
+        "overloaded_error" => Error::upstream_status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            format!("Anthropic is overloaded: {message}"),
+        ),
+        "authentication_error" | "permission_error" => Error::upstream_auth(connection, status),
         // `api_error` (Anthropic's internal error) and types added later.
         _ => error_of_status(connection, status, Some(message).filter(|m| !m.is_empty())),
     }
@@ -148,7 +204,7 @@ fn error_of_status(connection: &str, status: StatusCode, message: Option<String>
     let code = status.as_u16();
     let said = |fallback: String| message.unwrap_or(fallback);
     match code {
-        529 => Error::upstream(
+        529 => Error::upstream_status(
             StatusCode::SERVICE_UNAVAILABLE,
             "api_error",
             format!(
@@ -156,18 +212,26 @@ fn error_of_status(connection: &str, status: StatusCode, message: Option<String>
                 said(format!("connection `{connection}` answered with status 529."))
             ),
         ),
-        429 => Error::upstream(
+        429 => Error::upstream_status(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
             said(format!("Connection `{connection}` is rate limited by the upstream (status 429).")),
         ),
-        408 | 504 => Error::timeout(said(format!("Connection `{connection}` timed out upstream (status {code})."))),
-        400 | 413 | 422 => Error::upstream(
+        408 | 504 => Error::upstream_failure(
+            Kind::UpstreamTimeout,
+            said(format!("Connection `{connection}` timed out upstream (status {code}).")),
+        ),
+        400 | 413 | 422 => Error::upstream_status(
             status,
             "invalid_request_error",
             said(format!("Connection `{connection}` refused the request (status {code}).")),
         ),
-        _ => Error::bad_gateway(said(format!("Connection `{connection}` answered with status {code}."))),
+        _ => Error::upstream_status(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            said(format!("Connection `{connection}` answered with status {code}.")),
+        )
+        .code("upstream_error"),
     }
 }
 
@@ -216,7 +280,7 @@ fn render_message(m: Message, size: usize) -> Option<(Vec<u8>, Usage)> {
     out.extend_from_slice(b"{\"id\":");
     json::write_str(&mut out, m.id);
     out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
-    out.extend_from_slice(super::unix_now().to_string().as_bytes());
+    out.extend_from_slice(super::chunk::itoa(super::unix_now()).as_bytes());
     out.extend_from_slice(b",\"model\":");
     json::write_str(&mut out, m.model);
     out.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
@@ -253,16 +317,8 @@ fn render_message(m: Message, size: usize) -> Option<(Vec<u8>, Usage)> {
     out.extend_from_slice(b"\"}],\"usage\":");
     let tokens = m.usage.unwrap_or_default();
     let usage = tokens.usage();
-    out.extend_from_slice(
-        format!(
-            "{{\"prompt_tokens\":{},\"completion_tokens\":{},\"total_tokens\":{},\"prompt_tokens_details\":{{\"cached_tokens\":{}}}}}}}",
-            usage.prompt,
-            usage.completion,
-            usage.prompt + usage.completion,
-            tokens.cache_read_input_tokens.unwrap_or(0)
-        )
-        .as_bytes(),
-    );
+    super::chunk::write_usage(&mut out, usage, Some(tokens.cache_read_input_tokens.unwrap_or(0)));
+    out.push(b'}');
     Some((out, usage))
 }
 
@@ -287,7 +343,8 @@ impl UsageJson {
 #[cfg(test)]
 mod tests {
     //! Non-stream mappings on synthetic messages; expectations written by hand from
-    //! WIRE-FORMATS.md §4.2, §9.1 and §9.2.
+    //! the Anthropic message (<https://docs.anthropic.com/en/api/messages>) and the OpenAI chat
+    //! completion (<https://platform.openai.com/docs/api-reference/chat/object>).
 
     use super::*;
     use serde_json::{json, Value};
@@ -390,7 +447,7 @@ mod tests {
         ] {
             let e = error_of("anthropic", StatusCode::from_u16(status).unwrap(), body.as_bytes());
             let case = format!("{status} {body}");
-            assert_eq!((e.status.as_u16(), e.kind), (want_status, want_type), "{case}");
+            assert_eq!((e.status.as_u16(), e.r#type), (want_status, want_type), "{case}");
             assert!(!e.message.is_empty() && !e.message.contains("secret-proxy-page"), "{case}: {}", e.message);
         }
     }

@@ -1,6 +1,7 @@
 //! OpenAI chat request → Anthropic Messages request.
 //!
-//! Mapping (WIRE-FORMATS.md §4.1, §9.3, §9.4): `system` and `developer` messages become the
+//! Mapping, from <https://platform.openai.com/docs/api-reference/chat/create> to
+//! <https://docs.anthropic.com/en/api/messages>: `system` and `developer` messages become the
 //! top-level `system` blocks, in order; user and assistant content (strings or parts) becomes
 //! content blocks (text; `image_url` data: URLs → base64 sources, http(s) URLs → url sources);
 //! assistant `tool_calls` → `tool_use` blocks, their JSON-string `arguments` embedded as the

@@ -7,7 +7,9 @@
 //! output goes into the body's reused buffer; the chunk prefix (`id`, `created`, `model`) is
 //! rendered once at `message_start`. No allocation per event in steady state.
 //!
-//! Mapping (WIRE-FORMATS.md §4.3, §9.5): `message_start` → role chunk; `text_delta` → content;
+//! Mapping, from <https://docs.anthropic.com/en/api/messages-streaming> to
+//! <https://platform.openai.com/docs/api-reference/chat-streaming>: `message_start` → role chunk;
+//! `text_delta` → content;
 //! `tool_use` start → a `tool_calls` delta whose OpenAI index counts tool blocks only, with id,
 //! name and empty arguments; `input_json_delta` → an arguments fragment (empty ones dropped; a
 //! tool that got none gets `"{}"` at its stop); `thinking_delta` → `reasoning_content`;
@@ -15,8 +17,9 @@
 //! then the usage chunk when the client asked for it; `message_stop` → `[DONE]`; `error` → the
 //! body's final error event.
 
-use crate::error::Error;
+use crate::error::{Error, Kind};
 use crate::json::{self, unescaped_key, Usage};
+use crate::provider::chunk::{self, itoa, Prefix};
 use crate::provider::Translate;
 use crate::sse::Event;
 use bytes::{BufMut, BytesMut};
@@ -78,7 +81,7 @@ impl Tokens {
 pub struct Stream {
     include_usage: bool,
     /// `data: {"id":..,"object":"chat.completion.chunk","created":..,"model":..,"choices":[`
-    prefix: Vec<u8>,
+    prefix: Prefix,
     blocks: Vec<Block>,
     next_tool: u32,
     tokens: Tokens,
@@ -90,7 +93,7 @@ impl Stream {
     pub fn new(include_usage: bool) -> Self {
         let mut s = Stream {
             include_usage,
-            prefix: Vec::new(),
+            prefix: Prefix::default(),
             blocks: Vec::new(),
             next_tool: 0,
             tokens: Tokens::default(),
@@ -103,37 +106,12 @@ impl Stream {
 
     /// Renders the chunk prefix for message `id` and `model` (JSON string tokens).
     fn set_prefix(&mut self, id: &[u8], model: &[u8]) {
-        self.prefix.clear();
-        self.prefix.extend_from_slice(b"data: {\"id\":");
-        self.prefix.extend_from_slice(id);
-        self.prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
-        self.prefix.extend_from_slice(itoa(crate::provider::unix_now()).as_bytes());
-        self.prefix.extend_from_slice(b",\"model\":");
-        self.prefix.extend_from_slice(model);
-        self.prefix.extend_from_slice(b",\"choices\":[");
+        self.prefix.set("chat.completion.chunk", id, crate::provider::unix_now(), model);
     }
 
     /// One chunk with `delta` (a JSON object text) and a finish reason.
     fn chunk(&self, out: &mut BytesMut, delta: &[&[u8]], finish: Option<&str>) {
-        out.put_slice(&self.prefix);
-        out.put_slice(b"{\"index\":0,\"delta\":");
-        for part in delta {
-            out.put_slice(part);
-        }
-        out.put_slice(b",\"logprobs\":null,\"finish_reason\":");
-        match finish {
-            Some(f) => {
-                out.put_u8(b'"');
-                out.put_slice(f.as_bytes());
-                out.put_u8(b'"');
-            }
-            None => out.put_slice(b"null"),
-        }
-        out.put_slice(b"}]");
-        if self.include_usage {
-            out.put_slice(b",\"usage\":null");
-        }
-        out.put_slice(b"}\n\n");
+        chunk::write_delta_chunk(&self.prefix, out, delta, finish, self.include_usage);
     }
 
     fn message_start(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) {
@@ -287,18 +265,7 @@ impl Stream {
         }
         self.chunk(out, &[b"{}"], Some(finish));
         if self.include_usage {
-            let u = self.tokens.usage();
-            // The usage chunk replaces `"choices":[` in the prefix with an empty list.
-            out.put_slice(&self.prefix[..self.prefix.len() - 1]);
-            out.put_slice(b"[],\"usage\":{\"prompt_tokens\":");
-            out.put_slice(itoa(u.prompt).as_bytes());
-            out.put_slice(b",\"completion_tokens\":");
-            out.put_slice(itoa(u.completion).as_bytes());
-            out.put_slice(b",\"total_tokens\":");
-            out.put_slice(itoa(u.prompt + u.completion).as_bytes());
-            out.put_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
-            out.put_slice(itoa(self.tokens.cache_read).as_bytes());
-            out.put_slice(b"}}}\n\n");
+            self.prefix.usage_chunk(out, self.tokens.usage(), Some(self.tokens.cache_read));
         }
     }
 }
@@ -313,7 +280,10 @@ impl Translate for Stream {
         // as broken JSON text (found by fuzzing): the stream ends with an error instead.
         if std::str::from_utf8(data).is_err() {
             self.done = true;
-            return Err(Error::bad_gateway("The upstream sent a stream event that is not UTF-8."));
+            return Err(Error::upstream_failure(
+                Kind::UpstreamMalformed,
+                "The upstream sent a stream event that is not UTF-8.",
+            ));
         }
         // Every event's data is one JSON object: validated whole here, once, in the same pass
         // that finds the top-level members the handlers read, so their reads of the parts cannot
@@ -323,9 +293,10 @@ impl Translate for Stream {
             Ok(top) => top,
             Err(e) => {
                 self.done = true;
-                return Err(Error::bad_gateway(format!(
-                    "The upstream sent a stream event that is not a JSON object: {e}."
-                )));
+                return Err(Error::upstream_failure(
+                    Kind::UpstreamMalformed,
+                    format!("The upstream sent a stream event that is not a JSON object: {e}."),
+                ));
             }
         };
         // The event name equals the JSON `type`; fall back to the JSON when a proxy dropped it.
@@ -391,10 +362,14 @@ fn stream_error(data: &[u8], top: &Top) -> Error {
 /// An event of a kind we map whose shape is wrong: the stream cannot go on without losing
 /// content, so it ends with this error.
 fn malformed(event: &str, what: &str) -> Error {
-    Error::bad_gateway(format!("The upstream sent a malformed `{event}` event: {what}."))
+    Error::upstream_failure(Kind::UpstreamMalformed, format!("The upstream sent a malformed `{event}` event: {what}."))
 }
 
-/// OpenAI finish_reason for an Anthropic stop_reason (WIRE-FORMATS.md §9.1); unknown → stop.
+/// OpenAI finish_reason for an Anthropic stop_reason; unknown → stop. Values: `stop_reason` in
+/// <https://docs.anthropic.com/en/api/messages>, `finish_reason` in
+/// <https://platform.openai.com/docs/api-reference/chat/object>; pairs chosen from the mappings
+/// of BerriAI/litellm (`_FINISH_REASON_MAP`, `litellm/litellm_core_utils/core_helpers.py`) and
+/// vercel/ai (`packages/anthropic/src/map-anthropic-stop-reason.ts`).
 pub fn finish_reason(reason: &[u8]) -> &'static str {
     match reason {
         b"max_tokens" | b"model_context_window_exceeded" | b"compaction" => "length",
@@ -467,34 +442,12 @@ fn index_of(data: &[u8], top: &Top) -> Option<usize> {
     top[INDEX].clone().and_then(|r| json::u64_of(&data[r])).map(|n| n as usize)
 }
 
-/// Decimal digits of `n` in a stack buffer.
-struct Digits {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Digits {
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
-fn itoa(mut n: u64) -> Digits {
-    let mut d = Digits { buf: [0; 20], start: 20 };
-    loop {
-        d.start -= 1;
-        d.buf[d.start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return d;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! Single mappings through the translator, on synthetic events. Every expectation is written
-    //! by hand from WIRE-FORMATS.md §4.3, §9.1, §9.2 and §9.3, not produced by this code.
+    //! by hand from the Anthropic events (<https://docs.anthropic.com/en/api/messages-streaming>)
+    //! and the OpenAI chunks (<https://platform.openai.com/docs/api-reference/chat-streaming>),
+    //! not produced by this code.
 
     use super::*;
     use serde_json::{json, Value};
