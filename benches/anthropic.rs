@@ -2,12 +2,11 @@
 //! (a counting allocator), over a long text stream and the recorded thinking stream.
 //! Run: `cargo bench --bench anthropic`. Target: ≤ 1 µs per text event.
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use lmgate::body::Translating;
 use lmgate::provider::anthropic::stream::Stream;
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 struct Counting;
@@ -52,11 +51,11 @@ fn text_stream() -> Vec<u8> {
 /// Translates a whole stream fed in `chunk`-sized pieces, dropping output as it is produced.
 fn run(input: &[u8], chunk: usize) -> usize {
     let mut t = Translating::new(Box::new(Stream::new(true)));
-    let mut q: VecDeque<Bytes> = VecDeque::with_capacity(8);
+    let mut buf = BytesMut::new();
     let mut out = 0;
     for piece in input.chunks(chunk) {
-        let _ = t.feed(piece, "bench", &mut q);
-        out += q.drain(..).map(|b| b.len()).sum::<usize>();
+        let _ = t.feed(piece, "bench", &mut buf);
+        out += buf.split().freeze().len();
     }
     out
 }

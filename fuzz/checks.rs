@@ -216,17 +216,17 @@ pub fn anthropic_stream(input: &[u8]) {
     let include_usage = flags & 1 == 1;
     let run = |cuts: &[usize]| -> Vec<u8> {
         let mut t = Translating::new(Box::new(Stream::new(include_usage)));
-        let mut queue = std::collections::VecDeque::new();
+        let mut out = lmgate::body::Out::default();
         for piece in pieces(stream, cuts) {
-            if let Err(e) = t.feed(piece, "fuzz", &mut queue) {
-                queue.push_back(e.to_sse());
+            if let Err(e) = t.feed(piece, "fuzz", out.buffer(0)) {
+                out.push(e.to_sse());
                 break;
             }
             if t.done() {
                 break;
             }
         }
-        queue.iter().flat_map(|b| b.iter().copied()).collect()
+        out.take().unwrap_or_default().to_vec()
     };
     let whole = run(&[]);
     let cuts = cuts(u16::from_le_bytes([*a, *b]), stream.len());

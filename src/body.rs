@@ -36,7 +36,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A request or response body.
 pub struct Body {
     inner: Inner,
-    record: Option<Record>,
+}
+
+/// A response body with the request's [`Record`], written when it is dropped. Kept apart from
+/// [`Body`] so the flow moves small bodies around and the record is attached once, at the end.
+pub struct Recorded {
+    body: Body,
+    record: Record,
 }
 
 enum Inner {
@@ -48,14 +54,14 @@ enum Inner {
 impl Body {
     /// A body of one buffer.
     pub fn full(b: impl Into<Bytes>) -> Self {
-        Body { inner: Inner::Full(Some(b.into())), record: None }
+        Body { inner: Inner::Full(Some(b.into())) }
     }
 
     /// Buffers sent one frame each, with `delay` between them (the first goes at once).
     pub fn chunks(chunks: Vec<Bytes>, delay: Duration) -> Self {
         let len = chunks.iter().map(Bytes::len).sum();
         let paced = Paced { chunks: chunks.into(), delay, sleep: None, len };
-        Body { inner: Inner::Chunks(Box::new(paced)), record: None }
+        Body { inner: Inner::Chunks(Box::new(paced)) }
     }
 
     /// An upstream body forwarded as it arrives; see the module documentation.
@@ -82,17 +88,29 @@ impl Body {
             idle,
             last_frame: Instant::now(),
             sleep: None,
-            queue: VecDeque::new(),
+            out: Out::default(),
+            next: None,
             done: false,
             connection: connection.to_owned(),
         };
-        Body { inner: Inner::Passthrough(Box::new(p)), record: None }
+        Body { inner: Inner::Passthrough(Box::new(p)) }
     }
 
-    /// Attaches the request record, written when this body is dropped.
-    pub fn with_record(mut self, record: Record) -> Self {
-        self.record = Some(record);
-        self
+    /// Attaches the request record, written when the body is dropped.
+    pub fn with_record(self, record: Record) -> Recorded {
+        Recorded { body: self, record }
+    }
+
+    fn poll_recorded(
+        &mut self,
+        cx: &mut Context<'_>,
+        record: Option<&mut Record>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Chunks(p) => p.poll_frame(cx),
+            Inner::Passthrough(p) => p.poll_frame(cx, record),
+        }
     }
 }
 
@@ -111,12 +129,10 @@ pub enum Mode {
     Translate(Box<Translating>),
 }
 
-/// Translation state: the decoder the provider's framing needs, the provider's translator, the
-/// reused output buffer.
+/// Translation state: the decoder the provider's framing needs and the provider's translator.
 pub struct Translating {
     decoder: sse::FramedDecoder,
     translator: Box<dyn Translate>,
-    out: BytesMut,
 }
 
 impl Translating {
@@ -124,27 +140,26 @@ impl Translating {
     /// [`MAX_HELD_EVENT`] end the stream with an error.
     pub fn new(translator: Box<dyn Translate>) -> Self {
         let decoder = sse::FramedDecoder::new(translator.framing(), MAX_HELD_EVENT);
-        Translating { decoder, translator, out: BytesMut::with_capacity(4096) }
+        Translating { decoder, translator }
     }
 
-    /// Decodes one upstream chunk and translates its events; what they produce is queued as
-    /// one buffer. An error (in-band upstream error, malformed or oversized event) is returned
-    /// for the body to send as the final event.
-    pub fn feed(&mut self, data: &[u8], connection: &str, queue: &mut VecDeque<Bytes>) -> Result<(), Error> {
-        let Translating { decoder, translator, out } = self;
+    /// Decodes one upstream chunk and translates its events, appending what they produce to
+    /// `out`. An error (in-band upstream error, malformed or oversized event) is returned for
+    /// the body to send as the final event.
+    pub fn feed(&mut self, data: &[u8], connection: &str, out: &mut BytesMut) -> Result<(), Error> {
+        let Translating { decoder, translator } = self;
         // Reserve while the buffer is empty: once the last output has been written and dropped,
         // this reclaims the same allocation instead of growing mid-feed. OpenAI chunks run up to
         // about twice the size of the provider events they come from.
-        out.reserve(data.len() * 2 + 512);
+        if out.is_empty() {
+            out.reserve(data.len() * 2 + 512);
+        }
         let mut failed = None;
         let fed = decoder.feed(data, |ev| {
             if failed.is_none() && !translator.done() {
                 failed = translator.event(&ev, out).err();
             }
         });
-        if !out.is_empty() {
-            queue.push_back(out.split().freeze());
-        }
         if let Err(e) = fed {
             failed.get_or_insert(Error::upstream_failure(
                 Kind::UpstreamMalformed,
@@ -156,9 +171,10 @@ impl Translating {
 
     /// The upstream stream ended: the decoder hands on what it still holds (a last NDJSON line
     /// without its LF), then the translator's end-of-stream hook runs; what they produce is
-    /// queued. An error (the stream was cut short) is returned for the body to send last.
-    pub fn finish(&mut self, connection: &str, queue: &mut VecDeque<Bytes>) -> Result<(), Error> {
-        let Translating { decoder, translator, out } = self;
+    /// appended to `out`. An error (the stream was cut short) is returned for the body to send
+    /// last.
+    pub fn finish(&mut self, connection: &str, out: &mut BytesMut) -> Result<(), Error> {
+        let Translating { decoder, translator } = self;
         let mut failed = None;
         decoder.finish(|ev| {
             if failed.is_none() && !translator.done() {
@@ -169,9 +185,6 @@ impl Translating {
             Some(e) => Err(e),
             None => translator.finish(out),
         };
-        if !out.is_empty() {
-            queue.push_back(out.split().freeze());
-        }
         finished.map_err(|mut e| {
             e.message = format!("Connection `{connection}`: {}", e.message);
             e
@@ -290,13 +303,78 @@ impl http_body::Body for Upstream {
     }
 }
 
+/// The bytes for the client's next frame, gathered from every upstream read that is ready.
+///
+/// One piece goes out as it is: a slice of the upstream's buffer, no copy. More pieces are copied
+/// into one buffer, reused from frame to frame: reserving while it is empty reclaims the
+/// allocation of the last frame once hyper has written and dropped it, so a steady stream
+/// allocates nothing.
+#[derive(Default)]
+pub struct Out {
+    first: Option<Bytes>,
+    buf: BytesMut,
+}
+
+impl Out {
+    /// Appends a piece, without copying it if it is the only one.
+    pub fn push(&mut self, piece: Bytes) {
+        if piece.is_empty() {
+            return;
+        }
+        if self.first.is_none() && self.buf.is_empty() {
+            self.first = Some(piece);
+        } else {
+            self.buffer(piece.len()).extend_from_slice(&piece);
+        }
+    }
+
+    /// The buffer, to append `more` bytes to (the single piece, if any, moved into it first).
+    pub fn buffer(&mut self, more: usize) -> &mut BytesMut {
+        let first = self.first.take();
+        let len = first.as_ref().map_or(0, Bytes::len);
+        if self.buf.is_empty() {
+            self.buf.reserve((len + more).max(4096));
+        }
+        if let Some(f) = first {
+            self.buf.extend_from_slice(&f);
+        }
+        &mut self.buf
+    }
+
+    /// Bytes gathered so far.
+    pub fn len(&self) -> usize {
+        self.first.as_ref().map_or(self.buf.len(), Bytes::len)
+    }
+
+    /// Whether nothing is gathered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The gathered bytes as one frame, if there are any.
+    pub fn take(&mut self) -> Option<Bytes> {
+        match self.first.take() {
+            Some(f) => Some(f),
+            None if self.buf.is_empty() => None,
+            None => Some(self.buf.split().freeze()),
+        }
+    }
+}
+
+/// Gathering stops once this much is ready for the client: the per-frame cost is then small
+/// against the bytes, and a large upstream read is never copied to join a small one.
+const GATHER: usize = 16 << 10;
+
 struct Passthrough {
     upstream: Upstream,
     mode: Mode,
     idle: Duration,
     last_frame: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
-    queue: VecDeque<Bytes>,
+    out: Out,
+    /// An upstream frame taken but not yet handled: a large read, or trailers, that waits for
+    /// the gathered bytes before it to go out first.
+    next: Option<Frame<Bytes>>,
     done: bool,
     connection: String,
 }
@@ -306,7 +384,7 @@ static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
 
 impl SseState {
     /// Splits `data` into events, queueing what goes to the client. Observes usage.
-    fn feed(&mut self, data: Bytes, queue: &mut VecDeque<Bytes>, usage: &mut Option<Usage>) {
+    fn feed(&mut self, data: Bytes, out: &mut Out, usage: &mut Option<Usage>) {
         let mut emit_from = 0; // start of bytes of `data` not yet queued
         let mut from = 0;
         // The LF of a CRLF that closed the last event of the previous chunk belongs to that
@@ -323,16 +401,18 @@ impl SseState {
                 self.oversized = false;
             } else if !self.partial.is_empty() {
                 self.partial.extend_from_slice(&data[from..end]);
-                let event = self.partial.split().freeze();
-                if self.keep(&event, usage) {
-                    queue.push_back(event);
+                let partial = std::mem::take(&mut self.partial);
+                if self.keep(&partial, usage) {
+                    out.buffer(partial.len()).extend_from_slice(&partial);
                 } else {
                     self.last_removed = true;
                 }
+                self.partial = partial;
+                self.partial.clear();
                 emit_from = end;
             } else if !self.keep(&data[from..end], usage) {
                 if from > emit_from {
-                    queue.push_back(data.slice(emit_from..from));
+                    out.push(data.slice(emit_from..from));
                 }
                 emit_from = end;
                 self.last_removed = true;
@@ -340,15 +420,16 @@ impl SseState {
             from = end;
         }
         if from > emit_from {
-            queue.push_back(data.slice(emit_from..from));
+            out.push(data.slice(emit_from..from));
         }
         if from < data.len() {
             if self.oversized {
-                queue.push_back(data.slice(from..));
+                out.push(data.slice(from..));
             } else {
                 self.partial.extend_from_slice(&data[from..]);
                 if self.partial.len() > MAX_HELD_EVENT {
-                    queue.push_back(self.partial.split().freeze());
+                    out.buffer(self.partial.len()).extend_from_slice(&self.partial);
+                    self.partial.clear();
                     self.oversized = true;
                 }
             }
@@ -387,9 +468,9 @@ fn null_follows(rest: &[u8]) -> bool {
 impl Passthrough {
     fn feed(&mut self, data: Bytes, usage: &mut Option<Usage>) -> Result<(), Error> {
         match &mut self.mode {
-            Mode::Sse(s) => s.feed(data, &mut self.queue, usage),
+            Mode::Sse(s) => s.feed(data, &mut self.out, usage),
             Mode::Translate(t) => {
-                let fed = t.feed(&data, &self.connection, &mut self.queue);
+                let fed = t.feed(&data, &self.connection, self.out.buffer(0));
                 *usage = t.usage();
                 fed?;
                 if t.done() {
@@ -406,9 +487,9 @@ impl Passthrough {
                     tail.drain(..tail.len() - keep);
                     tail.extend_from_slice(&data);
                 }
-                self.queue.push_back(data);
+                self.out.push(data);
             }
-            Mode::Opaque => self.queue.push_back(data),
+            Mode::Opaque => self.out.push(data),
         }
         Ok(())
     }
@@ -418,7 +499,8 @@ impl Passthrough {
         match &mut self.mode {
             Mode::Sse(s) if !s.partial.is_empty() => {
                 // An unterminated last event: forward it as it came (the client discards it).
-                self.queue.push_back(s.partial.split().freeze());
+                self.out.buffer(s.partial.len()).extend_from_slice(&s.partial);
+                s.partial.clear();
             }
             Mode::Json { tail } => {
                 if let Some(u) = json::usage_in_tail(tail) {
@@ -426,7 +508,7 @@ impl Passthrough {
                 }
             }
             Mode::Translate(t) => {
-                t.finish(&self.connection, &mut self.queue)?;
+                t.finish(&self.connection, self.out.buffer(0))?;
                 *usage = t.usage();
             }
             _ => {}
@@ -447,37 +529,53 @@ impl Passthrough {
                 // A held partial event never reached the client; drop it so the error event
                 // is not glued onto it.
                 s.partial.clear();
-                self.queue.push_back(e.to_sse());
+                self.out.push(e.to_sse());
                 Ok(())
             }
             Mode::Translate(_) => {
-                self.queue.push_back(e.to_sse());
+                self.out.push(e.to_sse());
                 Ok(())
             }
             _ => Err(Box::new(e)),
         }
     }
 
+    /// The next frame for the client: everything the upstream has ready now, gathered (up to
+    /// [`GATHER`] bytes), sent as soon as the upstream has nothing more ready. It never waits for
+    /// more data to fill a frame: a paced stream goes out read by read.
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
         mut record: Option<&mut Record>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let ready = |out: &mut Out| Poll::Ready(out.take().map(|b| Ok(Frame::data(b))));
         loop {
-            if let Some(b) = self.queue.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(b))));
+            if self.done || self.out.len() >= GATHER {
+                return ready(&mut self.out);
             }
-            if self.done {
-                return Poll::Ready(None);
-            }
+            let polled = match self.next.take() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => self.upstream.poll_frame(cx),
+            };
             let mut usage = None;
-            match self.upstream.poll_frame(cx) {
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     self.last_frame = Instant::now();
-                    let fed = match frame.into_data() {
-                        Ok(data) => self.feed(data, &mut usage),
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))), // trailers
+                    let data = match frame.into_data() {
+                        // A large read joins nothing: what is gathered goes first, alone.
+                        Ok(data) if data.len() >= GATHER && !self.out.is_empty() => {
+                            self.next = Some(Frame::data(data));
+                            return ready(&mut self.out);
+                        }
+                        Ok(data) => data,
+                        // Trailers go after the data before them.
+                        Err(trailers) if !self.out.is_empty() => {
+                            self.next = Some(trailers);
+                            return ready(&mut self.out);
+                        }
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                     };
+                    let fed = self.feed(data, &mut usage);
                     // A body of known length is over with its last byte: hyper stops polling
                     // this body once it has sent that many, so finish now, not on a later poll.
                     let ended = match fed {
@@ -501,6 +599,7 @@ impl Passthrough {
                     Ok(()) => self.done = true,
                     Err(e) => self.fail(e, record.as_deref_mut())?,
                 },
+                Poll::Pending if !self.out.is_empty() => return ready(&mut self.out),
                 Poll::Pending => {
                     // Idle timeout, lazily: the timer is only re-armed when it fires early.
                     let deadline = self.last_frame + self.idle;
@@ -557,31 +656,14 @@ impl http_body::Body for Body {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = match &mut this.inner {
-            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Chunks(p) => p.poll_frame(cx),
-            Inner::Passthrough(p) => p.poll_frame(cx, this.record.as_mut()),
-        };
-        // hyper stops polling once `is_end_stream` is true, so the last frame marks completion.
-        let ended = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.is_end_stream(),
-            _ => false,
-        };
-        if let (true, Some(r)) = (ended, this.record.as_mut()) {
-            if r.outcome == Outcome::ClientGone {
-                r.outcome = Outcome::Complete;
-            }
-        }
-        polled
+        self.get_mut().poll_recorded(cx, None)
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
             Inner::Chunks(p) => p.chunks.is_empty(),
-            Inner::Passthrough(p) => p.done && p.queue.is_empty(),
+            Inner::Passthrough(p) => p.done && p.out.is_empty() && p.next.is_none(),
         }
     }
 
@@ -597,18 +679,46 @@ impl http_body::Body for Body {
     }
 }
 
+impl http_body::Body for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = this.body.poll_recorded(cx, Some(&mut this.record));
+        // hyper stops polling once `is_end_stream` is true, so the last frame marks completion.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
+            _ => false,
+        };
+        if ended && this.record.outcome == Outcome::ClientGone {
+            this.record.outcome = Outcome::Complete;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn run(input: &[u8], step: usize, strip: bool) -> (Vec<u8>, Option<Usage>) {
         let Mode::Sse(mut s) = Mode::sse(strip) else { unreachable!() };
-        let mut q = VecDeque::new();
+        let (mut q, mut out) = (Out::default(), Vec::new());
         let mut usage = None;
         for c in input.chunks(step) {
             s.feed(Bytes::copy_from_slice(c), &mut q, &mut usage);
+            out.extend_from_slice(&q.take().unwrap_or_default());
         }
-        let mut out: Vec<u8> = q.iter().flat_map(|b| b.iter().copied()).collect();
         out.extend_from_slice(&s.partial);
         (out, usage)
     }
@@ -650,10 +760,10 @@ data: [DONE]\n\n";
         // Two chunks split at every point, among them between the CR and LF that end event one.
         for cut in 1..stream.len() {
             let Mode::Sse(mut s) = Mode::sse(true) else { unreachable!() };
-            let (mut q, mut usage) = (VecDeque::new(), None);
+            let (mut q, mut usage) = (Out::default(), None);
             s.feed(Bytes::copy_from_slice(&stream[..cut]), &mut q, &mut usage);
             s.feed(Bytes::copy_from_slice(&stream[cut..]), &mut q, &mut usage);
-            let out: Vec<u8> = q.iter().flat_map(|b| b.iter().copied()).collect();
+            let out = q.take().unwrap_or_default();
             assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want), "cut {cut}");
         }
     }
@@ -699,11 +809,10 @@ data: [DONE]\n\n";
         for (framing, input) in inputs {
             for step in 1..=input.len() {
                 let mut t = Translating::new(Box::new(Echo(framing, false)));
-                let mut q = VecDeque::new();
+                let mut out = BytesMut::new();
                 for c in input.as_bytes().chunks(step) {
-                    t.feed(c, "test", &mut q).unwrap_or_else(|e| panic!("{framing:?} step {step}: {}", e.message));
+                    t.feed(c, "test", &mut out).unwrap_or_else(|e| panic!("{framing:?} step {step}: {}", e.message));
                 }
-                let out: Vec<u8> = q.iter().flat_map(|b| b.iter().copied()).collect();
                 assert_eq!(String::from_utf8_lossy(&out), want, "{framing:?} step {step}");
                 assert!(t.done());
             }

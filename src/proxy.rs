@@ -18,7 +18,7 @@
 
 use crate::attempt::{self, Outcome};
 use crate::auth::{self, Caller};
-use crate::body::Body;
+use crate::body::{Body, Recorded};
 use crate::config::{Config, ConfigError, Group};
 use crate::error::{Dialect, Error};
 use crate::json::{self, RequestError, Usage};
@@ -115,7 +115,7 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: errors become error responses in the endpoint's dialect.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Recorded>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,

@@ -6,7 +6,7 @@
 
 use crate::anthropic::{sse_bytes, STREAMS};
 use crate::counting;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body as _, Frame};
 use lmgate::body::{Body, Mode, Translating};
 use lmgate::provider::anthropic::stream::Stream;
@@ -41,10 +41,10 @@ fn long_stream(block: &str, delta: impl Fn(usize) -> String, n: usize) -> (Strin
 }
 
 /// Feeds `bytes` in `chunk`-sized pieces, dropping the output as hyper would once written.
-fn feed(t: &mut Translating, bytes: &[u8], chunk: usize, queue: &mut VecDeque<Bytes>) {
+fn feed(t: &mut Translating, bytes: &[u8], chunk: usize, out: &mut BytesMut) {
     for piece in bytes.chunks(chunk) {
-        t.feed(piece, "test", queue).unwrap();
-        queue.clear();
+        t.feed(piece, "test", out).unwrap();
+        drop(out.split().freeze());
     }
 }
 
@@ -83,13 +83,13 @@ fn translating_allocates_nothing_per_event_in_steady_state() {
         for chunk in [1, 64, 4096] {
             for include_usage in [false, true] {
                 let mut t = Translating::new(Box::new(Stream::new(include_usage)));
-                let mut queue = VecDeque::with_capacity(8);
+                let mut out = BytesMut::new();
                 let warm: String = deltas[..500].concat();
                 let measured: String = deltas[500..].concat();
-                feed(&mut t, head.as_bytes(), chunk, &mut queue);
-                feed(&mut t, warm.as_bytes(), chunk, &mut queue);
-                let allocations = counting::count(|| feed(&mut t, measured.as_bytes(), chunk, &mut queue));
-                feed(&mut t, tail.as_bytes(), chunk, &mut queue);
+                feed(&mut t, head.as_bytes(), chunk, &mut out);
+                feed(&mut t, warm.as_bytes(), chunk, &mut out);
+                let allocations = counting::count(|| feed(&mut t, measured.as_bytes(), chunk, &mut out));
+                feed(&mut t, tail.as_bytes(), chunk, &mut out);
                 assert!(t.done());
                 let events = deltas.len() - 500;
                 assert_eq!(
@@ -160,18 +160,18 @@ fn every_recorded_stream_translates_without_allocating_once_warm() {
         let mut per_chunking = Vec::new();
         for chunk in [1, 7, 64, 4096, usize::MAX] {
             let mut t = Translating::new(Box::new(Stream::new(true)));
-            let mut queue = VecDeque::with_capacity(8);
-            feed(&mut t, &r.head, chunk, &mut queue);
-            feed(&mut t, &warm, chunk, &mut queue);
+            let mut out = BytesMut::new();
+            feed(&mut t, &r.head, chunk, &mut out);
+            feed(&mut t, &warm, chunk, &mut out);
             let mut out_events = 0;
             let allocations = counting::count(|| {
                 for piece in measured.chunks(chunk) {
-                    t.feed(piece, "test", &mut queue).unwrap();
-                    out_events += queue.iter().map(|b| events_in(b)).sum::<usize>();
-                    queue.clear();
+                    t.feed(piece, "test", &mut out).unwrap();
+                    let frame = out.split().freeze();
+                    out_events += events_in(&frame);
                 }
             });
-            feed(&mut t, &r.tail, chunk, &mut queue);
+            feed(&mut t, &r.tail, chunk, &mut out);
             assert!(t.done(), "{name}: the stream completes");
             assert_eq!(allocations, 0, "{name}, chunk {chunk}: {allocations} allocations over {MEASURED} repetitions");
             per_chunking.push(out_events);
@@ -182,10 +182,12 @@ fn every_recorded_stream_translates_without_allocating_once_warm() {
 }
 
 /// An upstream body handing out prepared frames, `Pending` (woken at once) before each one as a
-/// socket would be between reads, and counting how many it has handed out.
+/// socket would be between reads (unless `burst`: every frame ready at once), and counting how
+/// many it has handed out.
 struct Scripted {
     frames: VecDeque<Bytes>,
     ready: bool,
+    burst: bool,
     served: Arc<AtomicUsize>,
 }
 
@@ -195,7 +197,7 @@ impl http_body::Body for Scripted {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if !this.ready {
+        if !this.ready && !this.burst {
             this.ready = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
@@ -243,6 +245,7 @@ async fn the_response_body_poll_loop_allocates_nothing_per_event_once_warm() {
             let upstream = Scripted {
                 frames: warm_frames.into_iter().chain(measured_frames).chain(frames(&r.tail, size)).collect(),
                 ready: false,
+                burst: false,
                 served: served.clone(),
             };
             let translate = Mode::translate(Box::new(Stream::new(true)));
@@ -271,6 +274,49 @@ async fn the_response_body_poll_loop_allocates_nothing_per_event_once_warm() {
             assert_eq!(
                 allocations, 0,
                 "{name}, frames of {size}: {allocations} allocations over {MEASURED} repetitions ({out_events} events out)"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_passthrough_allocates_nothing_per_event_once_warm_paced_or_in_bursts() {
+    let mut cx = Context::from_waker(Waker::noop());
+    let event = |i: usize| {
+        format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\
+             \"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i:05}\"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+        )
+    };
+    let (warm, measured) = (2000, 3000);
+    for burst in [false, true] {
+        // Reads of one event each, and reads that cut events (a partial held to the next read).
+        for size in [0, 100, 4096] {
+            let stream: String = (0..warm + measured).map(event).collect();
+            let reads: VecDeque<Bytes> = if size == 0 {
+                (0..warm + measured).map(|i| Bytes::from(event(i))).collect()
+            } else {
+                frames(stream.as_bytes(), size)
+            };
+            let n_warm = reads.len() * warm / (warm + measured);
+            let served = Arc::new(AtomicUsize::new(0));
+            let upstream = Scripted { frames: reads, ready: false, burst, served: served.clone() };
+            let mut body = Body::passthrough_from(upstream, Mode::sse(true), Duration::from_secs(60), "test");
+            let mut warm_events = 0;
+            while served.load(Ordering::Relaxed) < n_warm {
+                warm_events += poll_once(&mut body, &mut cx).expect("the stream goes on");
+            }
+            let mut out_events = 0;
+            let allocations = counting::count(|| {
+                while let Some(events) = poll_once(&mut body, &mut cx) {
+                    out_events += events;
+                }
+            });
+            assert_eq!(warm_events + out_events, warm + measured, "burst {burst}, reads of {size}: every event out");
+            assert!(out_events >= measured / 2, "burst {burst}, reads of {size}: {out_events} events measured");
+            assert_eq!(
+                allocations, 0,
+                "burst {burst}, reads of {size}: {allocations} allocations for {out_events} events"
             );
         }
     }

@@ -4,11 +4,11 @@
 //! the text deltas add up to the provider's text, and each tool call's arguments are JSON-equal
 //! to the provider's tool input.
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use lmgate::body::Translating;
 use lmgate::provider::anthropic::{self, stream::Stream};
 use serde_json::Value;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 /// Every Anthropic stream fixture.
 pub(crate) const STREAMS: &[&str] = &[
@@ -70,11 +70,11 @@ fn random_cuts(len: usize, seed: u64) -> Vec<usize> {
 /// event if the translator failed.
 fn translate(input: &[u8], cuts: &[usize], include_usage: bool) -> Vec<u8> {
     let mut t = Translating::new(Box::new(Stream::new(include_usage)));
-    let mut queue: VecDeque<Bytes> = VecDeque::new();
+    let mut out = BytesMut::new();
     let mut at = 0;
     for &end in cuts.iter().chain(std::iter::once(&input.len())) {
-        if let Err(e) = t.feed(&input[at..end], "test", &mut queue) {
-            queue.push_back(e.to_sse());
+        if let Err(e) = t.feed(&input[at..end], "test", &mut out) {
+            out.extend_from_slice(&e.to_sse());
             break;
         }
         at = end;
@@ -82,7 +82,7 @@ fn translate(input: &[u8], cuts: &[usize], include_usage: bool) -> Vec<u8> {
             break;
         }
     }
-    queue.iter().flat_map(|b| b.iter().copied()).collect()
+    out.to_vec()
 }
 
 /// The OpenAI events of an output: `data` payloads as JSON (`[DONE]` as a string), with

@@ -13,10 +13,12 @@ mod transport;
 mod upstream_failure;
 mod validation;
 
-// Translation: hand-written expectations, and zero allocations per event.
+// Translation and forwarding: hand-written expectations, frames per read, zero allocations per
+// event.
 mod alloc;
 mod anthropic;
 mod anthropic_failure;
+mod frames;
 /// A global allocator that counts this thread's allocations while `count` runs.
 pub mod counting {
     use std::alloc::{GlobalAlloc, Layout, System};
