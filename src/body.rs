@@ -3,17 +3,22 @@
 //! - [`Body::full`]: one buffer (errors, local answers).
 //! - [`Body::chunks`]: a list of buffers sent as frames, optionally paced (the mock's streams,
 //!   spliced upstream requests that are a few slices of the client's own body).
-//! - [`Body::passthrough`]: an upstream body forwarded frame by frame as it arrives. It owns the
-//!   upstream body, so a slow client stops us reading upstream (backpressure) and a gone client
-//!   drops the upstream connection (cancellation). SSE is cut at event boundaries: whole events
-//!   go out as slices of the upstream's buffers, a trailing partial event waits for its end.
-//!   Events are only observed for usage; the one removal is the usage-only event the gateway
-//!   asked for on the client's behalf. JSON keeps a small tail in which the usage is read at the
-//!   end. Between frames an idle timeout runs; once the head is sent a failure becomes one final
-//!   SSE error event (streams) or an aborted body (JSON). [`Body::passthrough_from`] runs the
-//!   same loop over any `http_body::Body` (the zero-allocation test drives it that way).
+//! - [`Body::passthrough`]: an upstream body forwarded as it arrives. It owns the upstream body,
+//!   so a slow client stops us reading upstream (backpressure) and a gone client drops the
+//!   upstream connection (cancellation). The unit of forwarding is the upstream read, not the
+//!   event: each poll takes every upstream read that is ready (without waiting for more) and
+//!   sends their bytes as one frame ([`Out`]): a single read goes out as a slice of the
+//!   upstream's buffer, several are gathered into one reused buffer. Per-event frames would make
+//!   hyper pay a chunk header, a buffer slot and often a flush per 100-byte event. SSE is cut at
+//!   event boundaries only to observe usage and to hold a trailing partial event until its end
+//!   (the client can do nothing with half an event, and an error event after a failure must not
+//!   be glued onto one); the one removal is the usage-only event the gateway asked for on the
+//!   client's behalf. JSON keeps a small tail in which the usage is read at the end. Between
+//!   frames an idle timeout runs; once the head is sent a failure becomes one final SSE error
+//!   event (streams) or an aborted body (JSON). [`Body::passthrough_from`] runs the same loop over
+//!   any `http_body::Body` (the frame and zero-allocation tests drive it that way).
 //!
-//! Every body may carry the request's [`Record`], written when the body is dropped.
+//! [`Recorded`] pairs a response body with the request's [`Record`], written when it is dropped.
 
 use crate::error::{Error, Kind};
 use crate::json::{self, Usage};
