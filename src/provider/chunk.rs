@@ -84,7 +84,8 @@ pub fn write_usage(out: &mut impl BufMut, usage: Usage, cached: Option<u64>) {
     out.put_slice(b",\"completion_tokens\":");
     out.put_slice(itoa(usage.completion).as_bytes());
     out.put_slice(b",\"total_tokens\":");
-    out.put_slice(itoa(usage.prompt + usage.completion).as_bytes());
+    // Saturating: counts come from the upstream, and a hostile one may send u64::MAX.
+    out.put_slice(itoa(usage.prompt.saturating_add(usage.completion)).as_bytes());
     if let Some(n) = cached {
         out.put_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
         out.put_slice(itoa(n).as_bytes());

@@ -334,7 +334,9 @@ impl UsageJson {
     fn usage(&self) -> Usage {
         let n = |v: Option<u64>| v.unwrap_or(0);
         Usage {
-            prompt: n(self.input_tokens) + n(self.cache_read_input_tokens) + n(self.cache_creation_input_tokens),
+            prompt: n(self.input_tokens)
+                .saturating_add(n(self.cache_read_input_tokens))
+                .saturating_add(n(self.cache_creation_input_tokens)),
             completion: n(self.output_tokens),
         }
     }
@@ -461,6 +463,15 @@ mod tests {
         assert_eq!(error_of("anthropic", StatusCode::INTERNAL_SERVER_ERROR, internal).message, "Internal server error");
         let e = error_of("anthropic", StatusCode::from_u16(529).unwrap(), b"");
         assert_eq!(e.message, "Anthropic is overloaded: connection `anthropic` answered with status 529.");
+    }
+
+    #[test]
+    fn token_counts_at_the_top_of_u64_saturate_instead_of_overflowing() {
+        let max = u64::MAX;
+        let usage = json!({"input_tokens":max,"cache_read_input_tokens":max,"cache_creation_input_tokens":1,"output_tokens":max});
+        let (got, recorded) = completion(msg(json!([{"type":"text","text":"x"}]), "end_turn", usage));
+        assert_eq!(recorded, Usage { prompt: max, completion: max });
+        assert_eq!(got["usage"]["total_tokens"], max);
     }
 
     #[test]

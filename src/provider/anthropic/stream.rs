@@ -73,7 +73,9 @@ impl Tokens {
     }
 
     fn usage(&self) -> Usage {
-        Usage { prompt: self.input + self.cache_read + self.cache_creation, completion: self.output }
+        // Saturating: the counts are the upstream's, and a hostile one may send u64::MAX.
+        let prompt = self.input.saturating_add(self.cache_read).saturating_add(self.cache_creation);
+        Usage { prompt, completion: self.output }
     }
 }
 
@@ -566,6 +568,20 @@ mod tests {
             ]
         );
         assert_eq!(s.usage(), Some(Usage { prompt: 3210, completion: 42 }));
+    }
+
+    #[test]
+    fn token_counts_at_the_top_of_u64_saturate_instead_of_overflowing() {
+        let max = u64::MAX;
+        let events = [
+            start(json!({"input_tokens":max,"cache_creation_input_tokens":max,"cache_read_input_tokens":1})),
+            message_delta("end_turn", json!({"output_tokens":max})),
+            stop(),
+        ];
+        let (got, error, s) = run(&events, true);
+        assert!(error.is_none());
+        assert_eq!(s.usage(), Some(Usage { prompt: max, completion: max }));
+        assert_eq!(got[2]["usage"]["total_tokens"], max);
     }
 
     #[test]
