@@ -43,6 +43,13 @@ pub struct Body {
     inner: Inner,
 }
 
+impl Default for Body {
+    /// An empty body.
+    fn default() -> Self {
+        Body::full(Bytes::new())
+    }
+}
+
 /// A response body with the request's [`Record`], written when it is dropped. Kept apart from
 /// [`Body`] so the flow moves small bodies around and the record is attached once, at the end.
 pub struct Recorded {

@@ -65,6 +65,9 @@ pub struct RawConfig {
     routing: IndexMap<String, String>,
     #[serde(default)]
     groups: IndexMap<String, RawGroup>,
+    /// The file's text, to give line numbers to errors found after parsing.
+    #[serde(skip)]
+    source: Option<String>,
     // lm-proxy's Python-only keys, caught to explain what to use instead.
     api_key_check: Option<toml::Value>,
     loggers: Option<toml::Value>,
@@ -81,6 +84,9 @@ struct RawServer {
     drain_delay_secs: Option<f64>,
     body_timeout_secs: Option<f64>,
     model_listing_mode: Option<ListingMode>,
+    cors_allowed_origins: Option<toml::Spanned<Vec<String>>>,
+    allowed_hosts: Option<toml::Spanned<Vec<String>>>,
+    open: Option<toml::Spanned<bool>>,
 }
 
 /// How `/v1/models` shows wildcard routing patterns.
@@ -237,6 +243,14 @@ pub struct Server {
     pub body_timeout: Duration,
     /// Whether `/v1/models` lists wildcard patterns.
     pub list_wildcards: bool,
+    /// Browser origins (`scheme://host[:port]`) whose requests are served, with CORS answers;
+    /// a request with any other `Origin` gets 403.
+    pub cors_allowed_origins: Vec<String>,
+    /// Names an open loopback gateway answers to besides its address and `localhost` (`"*"`:
+    /// any).
+    pub allowed_hosts: Vec<String>,
+    /// Running without client keys on a non-loopback address was asked for explicitly.
+    pub open: bool,
 }
 
 /// Per-connection timeouts.
@@ -309,7 +323,8 @@ const DEFAULT_MAX_REQUEST_BYTES: usize = 32 << 20;
 impl Config {
     /// Parses and validates TOML text. `env` resolves `env:NAME` references.
     pub fn parse(text: &str, env: Env) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
+        raw.source = Some(text.to_owned());
         Self::compile(raw, env)
     }
 
@@ -388,6 +403,20 @@ impl Config {
             groups.push(Group { name: gname.clone(), connections: allowed, models });
         }
 
+        let open_line = raw.server.open.as_ref().map_or(String::new(), |o| line_of(raw.source.as_deref(), o.span()));
+        if keys.is_empty() && !server.listen.ip().is_loopback() && !server.open {
+            return err(format!(
+                "server.listen: no client keys are configured and `{}` is not a loopback address, so anyone who \
+                 can reach it could spend the upstream keys; add [groups.NAME] api_keys, or set [server] open = true \
+                 to run open on purpose",
+                server.listen
+            ));
+        }
+        if !keys.is_empty() && server.open {
+            return err(format!(
+                "server.open{open_line}: `open = true` contradicts the client keys in [groups]: remove one"
+            ));
+        }
         let open_group = if keys.is_empty() {
             warnings.push(
                 "no client API keys are configured: the gateway is OPEN to anyone who can reach \
@@ -562,6 +591,37 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
         }
         (a, b) => a.or(b).unwrap_or(ListingMode::AsIs),
     };
+    let at = |span: std::ops::Range<usize>| line_of(raw.source.as_deref(), span);
+    let mut cors_allowed_origins = Vec::new();
+    if let Some(list) = &s.cors_allowed_origins {
+        for (i, origin) in list.get_ref().iter().enumerate() {
+            if !is_origin(origin) {
+                return err(format!(
+                    "server.cors_allowed_origins[{i}]{}: `{origin}` is not an origin like `https://app.example.com` \
+                     (scheme, host and optional port; no path; `*` is not accepted: it would let every web page \
+                     use this gateway)",
+                    at(list.span())
+                ));
+            }
+            cors_allowed_origins.push(origin.clone());
+        }
+    }
+    let allowed_hosts = s.allowed_hosts.as_ref().map_or(Ok(Vec::new()), |list| {
+        list.get_ref()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let ok = !h.is_empty() && !h.contains(['/', ' ', '@', ':']);
+                ok.then(|| h.clone()).ok_or_else(|| {
+                    ConfigError(format!(
+                        "server.allowed_hosts[{i}]{}: `{h}` is not a host name (no scheme, port or path)",
+                        at(list.span())
+                    ))
+                })
+            })
+            .collect()
+    })?;
+    let open = s.open.as_ref().is_some_and(|o| *o.get_ref());
     Ok(Server {
         listen,
         max_request_bytes,
@@ -569,7 +629,30 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
         drain_delay,
         body_timeout,
         list_wildcards: mode == ListingMode::AsIs,
+        cors_allowed_origins,
+        allowed_hosts,
+        open,
     })
+}
+
+/// `, line N` for a span of the file, when the file's text is known.
+fn line_of(source: Option<&str>, span: std::ops::Range<usize>) -> String {
+    source
+        .and_then(|t| t.get(..span.start))
+        .map_or(String::new(), |before| format!(" (line {})", before.matches('\n').count() + 1))
+}
+
+/// Whether `s` is a serialised origin: `http` or `https`, `://`, a host and an optional port,
+/// nothing after (<https://html.spec.whatwg.org/multipage/browsers.html#ascii-serialisation-of-an-origin>).
+fn is_origin(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")) else { return false };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    !host.is_empty()
+        && !host.contains(['/', '?', '#', '@', ' '])
+        && port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn secs(key: &str, v: Option<f64>, default: f64, zero_ok: bool) -> Result<Duration, ConfigError> {
@@ -798,6 +881,47 @@ mod tests {
         assert!(e.0.contains("server.drain_delay_secs"), "{e}");
         let e = parse("[connections.o]\napi_type = \"gopher\"\n", &[]).unwrap_err();
         assert!(e.0.contains("gopher") && e.0.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn open_mode_off_loopback_must_be_asked_for_and_cannot_be_mixed_with_keys() {
+        let e = parse("[server]\nlisten = \"0.0.0.0:4000\"\n", &[]).unwrap_err();
+        assert!(e.0.starts_with("server.listen: no client keys") && e.0.contains("open = true"), "{e}");
+        let cfg = parse("[server]\nlisten = \"0.0.0.0:4000\"\nopen = true\n", &[]).unwrap();
+        assert!(cfg.server.open && cfg.open_group.is_some());
+        assert!(parse("[server]\nlisten = \"127.0.0.1:4000\"\n", &[]).is_ok(), "open on loopback needs nothing");
+        let e = parse("[server]\nlisten = \"0.0.0.0:4000\"\n\nopen = true\n[groups.g]\napi_keys = [\"k\"]\n", &[])
+            .unwrap_err();
+        assert_eq!(e.0, "server.open (line 4): `open = true` contradicts the client keys in [groups]: remove one");
+    }
+
+    #[test]
+    fn cors_origins_and_allowed_hosts_are_validated_with_their_line() {
+        let cfg = parse(
+            "[server]\ncors_allowed_origins = [\"https://app.example.com\", \"http://localhost:5173\", \"http://[::1]:3000\"]\n\
+             allowed_hosts = [\"gw.internal\", \"*\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.server.cors_allowed_origins.len(), 3);
+        assert_eq!(cfg.server.allowed_hosts, ["gw.internal", "*"]);
+        for bad in [
+            "*",
+            "https://app.example.com/",
+            "app.example.com",
+            "ftp://x",
+            "https://",
+            "https://a:99999x",
+            "https://a/b",
+        ] {
+            let e = parse(&format!("[server]\n\ncors_allowed_origins = [\"https://ok.example\", \"{bad}\"]\n"), &[])
+                .unwrap_err();
+            assert!(e.0.starts_with("server.cors_allowed_origins[1] (line 3): "), "{bad}: {e}");
+        }
+        for bad in ["", "http://x", "x:80", "a b"] {
+            let e = parse(&format!("[server]\nallowed_hosts = [\"{bad}\"]\n"), &[]).unwrap_err();
+            assert!(e.0.starts_with("server.allowed_hosts[0] (line 2): "), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod json;
+pub mod origin;
 pub mod provider;
 pub mod proxy;
 pub mod record;

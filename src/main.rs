@@ -146,7 +146,7 @@ fn main() -> ExitCode {
         Command::Serve { config, env, log_format } => (load(&config, env.as_deref()), log_format, false),
         Command::Mock { listen, log_format } => {
             let text = format!(
-                "[server]\nlisten = \"{listen}\"\nshutdown_grace_secs = 1\n\
+                "[server]\nlisten = \"{listen}\"\nshutdown_grace_secs = 1\nallowed_hosts = [\"*\"]\nopen = true\n\
                  [connections.mock]\napi_type = \"mock\"\n[routing]\n\"*\" = \"mock.*\"\n"
             );
             (Config::parse(&text, &|_| None).map_err(|e| e.to_string()), log_format, true)

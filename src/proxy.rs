@@ -22,6 +22,7 @@ use crate::body::{Body, Recorded};
 use crate::config::{Config, ConfigError, Group};
 use crate::error::{Dialect, Error};
 use crate::json::{self, RequestError, Usage};
+use crate::origin;
 use crate::provider::{mock::Mock, Api, Call, Verdict};
 use crate::record::{Outcome as Ended, Record};
 use crate::router::{Pattern, Target};
@@ -130,26 +131,40 @@ impl Proxy {
         };
         let mut record = Record::new(snap.config.clone(), parts.method.clone(), parts.uri.clone(), name);
         let cfg = &*snap.config;
+        // Browser origins and, when open on loopback, the Host: before anything else but health.
+        let health = matches!(ep, Ok(Endpoint::Live | Endpoint::Ready));
+        let from = if health {
+            Ok(None)
+        } else {
+            origin::check(&cfg.server, cfg.open_group.is_some(), &parts.uri, &parts.headers)
+        };
+        let preflight = origin::is_preflight(&parts.method, &parts.headers);
+        let browser = from.as_ref().ok().cloned().flatten();
         // The one 401 check, for every endpoint that needs a key.
         let caller = || auth::check(&cfg.keys, cfg.open_group, &parts.headers).ok_or_else(Error::unauthorized);
-        let result = match ep {
-            Ok(Endpoint::Live) => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))),
-            Ok(Endpoint::Ready) if self.draining.load(Ordering::Relaxed) => {
-                Ok(json_response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"{\"status\":\"draining\"}")))
-            }
-            Ok(Endpoint::Ready) => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}"))),
-            Ok(Endpoint::Api(api)) => match caller() {
-                Ok(c) => {
-                    record.key = c.key;
-                    self.forward(&snap, api, c, &parts.headers, body, &mut record).await
+        let result = match (from, ep) {
+            (Err(e), _) => Err(e),
+            // A preflight carries no key: it is answered for an allowed origin, before auth.
+            (Ok(Some(o)), _) if preflight => Ok(origin::preflight(o, &parts.headers)),
+            (Ok(_), ep) => match ep {
+                Ok(Endpoint::Live) => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))),
+                Ok(Endpoint::Ready) if self.draining.load(Ordering::Relaxed) => {
+                    Ok(json_response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"{\"status\":\"draining\"}")))
                 }
+                Ok(Endpoint::Ready) => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}"))),
+                Ok(Endpoint::Api(api)) => match caller() {
+                    Ok(c) => {
+                        record.key = c.key;
+                        self.forward(&snap, api, c, &parts.headers, body, &mut record).await
+                    }
+                    Err(e) => Err(e),
+                },
+                Ok(Endpoint::Models) => caller().and_then(|c| models(cfg, c, None)),
+                Ok(Endpoint::Model(id)) => caller().and_then(|c| models(cfg, c, Some(id))),
                 Err(e) => Err(e),
             },
-            Ok(Endpoint::Models) => caller().and_then(|c| models(cfg, c, None)),
-            Ok(Endpoint::Model(id)) => caller().and_then(|c| models(cfg, c, Some(id))),
-            Err(e) => Err(e),
         };
-        let response = match result {
+        let mut response = match result {
             Ok(r) => r,
             Err(e) => {
                 let response = json_response(e.status, e.render(dialect));
@@ -158,6 +173,9 @@ impl Proxy {
                 response
             }
         };
+        if let Some(o) = browser.filter(|_| !preflight) {
+            origin::allow(&mut response, o);
+        }
         record.status = response.status().as_u16();
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, body.with_record(record))

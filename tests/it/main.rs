@@ -6,6 +6,7 @@ mod sse;
 
 // The gateway over real sockets: in-process gateway, scripted upstream, raw client.
 mod harness;
+mod origin;
 mod request_bytes;
 mod response_bytes;
 mod shutdown;

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 /// A request's bytes: `POST path` with these headers and a `content-length` body.
 pub fn post(path: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
     let mut out = format!(
-        "POST {path} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
         body.len()
     );
     for (n, v) in headers {
@@ -23,7 +23,7 @@ pub fn post(path: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
 
 /// A `GET path` request's bytes.
 pub fn get(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = format!("GET {path} HTTP/1.1\r\nhost: gateway\r\n");
+    let mut out = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n");
     for (n, v) in headers {
         out.push_str(&format!("{n}: {v}\r\n"));
     }
