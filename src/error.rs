@@ -193,15 +193,21 @@ pub struct Error {
 }
 
 impl Error {
-    /// An error of `kind` with the kind's status and type.
+    /// An error of `kind` with the kind's status and type. The message is capped at
+    /// [`MAX_MESSAGE`] bytes, whatever client or upstream text it quotes.
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > MAX_MESSAGE {
+            message.truncate(clip_to(&message, MAX_MESSAGE - 3).len());
+            message.push_str("...");
+        }
         Error {
             kind,
             status: kind.status(),
             r#type: kind.openai_type(),
             code: None,
             param: None,
-            message: message.into(),
+            message,
             retry_after: None,
             source: None,
         }
@@ -380,12 +386,28 @@ impl Error {
     }
 }
 
-/// Caps echoed client input so an error body cannot be made arbitrarily large.
-fn clip(s: &str) -> &str {
-    match s.char_indices().nth(200) {
-        Some((i, _)) => &s[..i],
-        None => s,
+/// The longest error message, in bytes.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// The most of one client string (a model name, a path) echoed in an error or a log line, in
+/// bytes.
+pub const MAX_ECHO: usize = 256;
+
+/// Caps echoed client input so an error body or a log line cannot be made arbitrarily large.
+pub fn clip(s: &str) -> &str {
+    clip_to(s, MAX_ECHO)
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn clip_to(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
     }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 impl fmt::Display for Error {
@@ -496,6 +518,14 @@ mod tests {
     #[test]
     fn long_client_input_is_clipped_in_messages() {
         let e = Error::model_not_found(&"m".repeat(10_000));
-        assert!(e.message.len() < 400);
+        assert_eq!(
+            e.message.matches('m').count(),
+            MAX_ECHO + "The model `` does not exist or is not routed by this gateway.".matches('m').count()
+        );
+        // Multi-byte characters are never cut in half.
+        let e = Error::model_not_found(&"é".repeat(10_000));
+        assert!(e.message.len() < MAX_ECHO + 100, "{}", e.message.len());
+        let e = Error::invalid_request(format!("invalid type: string \"{}\"", "✓".repeat(100_000)));
+        assert!(e.message.len() <= MAX_MESSAGE && e.message.ends_with("..."), "{}", e.message.len());
     }
 }

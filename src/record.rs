@@ -94,9 +94,9 @@ impl Drop for Record {
                 tracing::$level!(
                     target: "lmgate::request",
                     method = %self.method,
-                    path = self.uri.path(),
+                    path = crate::error::clip(self.uri.path()),
                     endpoint = self.endpoint,
-                    model = self.model.as_deref(),
+                    model = self.model.as_deref().map(crate::error::clip),
                     connection,
                     status = self.status,
                     duration_ms = (ms * 1000.0).round() / 1000.0,
@@ -184,5 +184,25 @@ mod tests {
         }
         assert!(!line.contains("secret"), "{line}");
         assert_eq!(line.lines().count(), 1, "{line}");
+    }
+
+    #[test]
+    fn no_request_makes_a_log_line_longer_than_4_kib() {
+        let config = Config::parse("", &|_: &str| -> Option<String> { None }).unwrap();
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let long = "é".repeat(20_000);
+        tracing::subscriber::with_default(subscriber, || {
+            let uri: http::Uri = format!("/v1/{}", "p".repeat(20_000)).parse().unwrap();
+            let mut record = Record::new(Arc::new(config), http::Method::POST, uri, "chat");
+            record.model = Some(long.clone());
+            record.status = 404;
+            record.error = Some(Error::model_not_found(&long));
+        });
+        let line = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(line.lines().count(), 1);
+        assert!(line.len() <= 4096, "{} bytes", line.len());
+        assert!(line.contains("model=\"éé") && line.contains("path=\"/v1/pp"), "{line:.300}");
     }
 }

@@ -242,10 +242,14 @@ pub trait Translate: Send {
 
 /// Client request headers that never go upstream, whatever a connection's `forward_headers`
 /// patterns match (`"x-*"` would otherwise send the client's `x-api-key`): the client's
-/// credentials and cookies, the headers the gateway sets itself for the body it sends
-/// (framing, type, encoding, host), and the hop-by-hop headers of RFC 9110 §7.6.1.
+/// credentials and cookies, the headers that choose the operator's account (OpenAI's
+/// organization and project: a client must not bill another one), the headers the gateway sets
+/// itself for the body it sends (framing, type, encoding, host), and the hop-by-hop headers of
+/// RFC 9110 §7.6.1.
 const NEVER_FORWARDED: &[&str] = &[
     "authorization",
+    "openai-organization",
+    "openai-project",
     "proxy-authorization",
     "x-api-key",
     "api-key",

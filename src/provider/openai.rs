@@ -222,7 +222,8 @@ pub fn respond(conn: &Connection, head: Response<Upstream>, plan: &Plan) -> Resu
         _ if is_sse => Mode::Opaque,
         _ => Mode::json(),
     };
-    let keeps_length = !matches!(mode, Mode::Sse(_));
+    // RFC 9112 §6.1: a Content-Length sent with Transfer-Encoding is not the body's length.
+    let keeps_length = !matches!(mode, Mode::Sse(_)) && !parts.headers.contains_key(header::TRANSFER_ENCODING);
     let mut out = Response::builder().status(status);
     if let Some(h) = out.headers_mut() {
         for (name, value) in &parts.headers {

@@ -154,3 +154,20 @@ async fn a_client_that_disconnects_mid_anthropic_stream_closes_the_upstream_conn
     drop(client);
     assert_eq!(up.closed().await, req.conn);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_beta_goes_upstream_only_where_a_connection_opts_in() {
+    let message = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-x","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":1}}"#;
+    let mut up = Upstream::start(move |_| vec![Step::Write(crate::harness::upstream::json(message))]).await;
+    let request = r#"{"model":"claude-x","messages":[{"role":"user","content":"hi"}]}"#;
+    let beta = [("anthropic-beta", "tools-2099")];
+    for (opt_in, forwarded) in [("", false), ("forward_headers = [\"anthropic-beta\"]\n", true)] {
+        let toml =
+            config(up.addr).replace("api_key = \"sk-ant-test\"\n", &format!("api_key = \"sk-ant-test\"\n{opt_in}"));
+        let gw = Gateway::start(&toml);
+        let resp = crate::harness::client::exchange(gw.addr, &post("/v1/chat/completions", &beta, request)).await;
+        assert_eq!(resp.status(), 200, "{}", resp.text());
+        let got = up.request().await.all("anthropic-beta");
+        assert_eq!(got.is_empty(), !forwarded, "opt-in {opt_in:?}: {got:?}");
+    }
+}

@@ -205,6 +205,9 @@ async fn forward_headers_patterns_never_forward_credentials_framing_or_hop_by_ho
             ("keep-alive", "timeout=5"),
             ("x-hop", "hop"),
             ("x-trace-id", "trace-1"),
+            ("openai-organization", "org-client"),
+            ("openai-project", "proj-client"),
+            ("anthropic-beta", "tools-2099"),
         ];
         let resp = exchange(gw.addr, &post("/v1/chat/completions", &headers, body)).await;
         assert_eq!(resp.status(), 200, "{patterns}: {}", resp.text());
@@ -228,6 +231,9 @@ async fn forward_headers_patterns_never_forward_credentials_framing_or_hop_by_ho
             "keep-alive",
             "x-hop",
             "transfer-encoding",
+            // They name the operator's account: a client must not choose it.
+            "openai-organization",
+            "openai-project",
         ] {
             assert!(req.all(name).is_empty(), "{patterns}: `{name}` went upstream:\n{head}");
         }

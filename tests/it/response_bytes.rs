@@ -258,3 +258,23 @@ async fn a_json_body_stalled_past_the_idle_timeout_is_cut_not_completed() {
     let req = up.request().await;
     assert_eq!(up.closed().await, req.conn);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_sent_together_with_chunked_framing_is_not_forwarded() {
+    // RFC 9112 §6.1: with Transfer-Encoding, Content-Length is ignored; forwarding it would frame
+    // the client's body by a length the upstream never honoured.
+    let body = r#"{"id":"x","usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+    let up = Upstream::start(move |_| {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n";
+        let mut out = head.as_bytes().to_vec();
+        out.extend_from_slice(&chunk(body.as_bytes()));
+        out.extend_from_slice(LAST_CHUNK);
+        vec![Step::Write(out)]
+    })
+    .await;
+    let gw = Gateway::start(&config(up.addr, "", ""));
+    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[]}"#)).await;
+    assert_eq!(resp.status(), 200);
+    assert_ne!(resp.head.get("content-length"), Some("5"));
+    assert_eq!(resp.text(), body);
+}

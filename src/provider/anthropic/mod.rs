@@ -25,8 +25,10 @@ use std::time::Instant;
 /// Largest non-stream body read whole.
 const MAX_BODY: usize = 64 << 20;
 
-/// Client headers forwarded to Anthropic.
-const REQUEST_HEADERS: &[&str] = &["user-agent", "anthropic-beta", "x-request-id"];
+/// Client headers forwarded to Anthropic. Not `anthropic-beta`: a beta changes what the operator's
+/// account is asked to run (and bill), so it goes upstream only where a connection lists it in
+/// `forward_headers`.
+const REQUEST_HEADERS: &[&str] = &["user-agent", "x-request-id"];
 
 /// The Anthropic API's base URL, as the Anthropic SDKs' `base_url` (without `/v1`).
 const DEFAULT_BASE: &str = "https://api.anthropic.com";
