@@ -25,6 +25,10 @@ use crate::sse::Event;
 use bytes::{BufMut, BytesMut};
 use std::ops::Range;
 
+/// The longest message id or model name (JSON token, quotes included) copied into chunks; real
+/// ones are a few dozen bytes.
+const MAX_NAME: usize = 512;
+
 /// Content blocks tracked per message; real messages have a handful.
 const MAX_BLOCKS: usize = 1024;
 
@@ -116,7 +120,7 @@ impl Stream {
         chunk::write_delta_chunk(&self.prefix, out, delta, finish, self.include_usage);
     }
 
-    fn message_start(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) {
+    fn message_start(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) -> Result<(), Error> {
         // A message that is not an object leaves the defaults: it carries no content.
         let (mut id, mut model): (&[u8], &[u8]) = (b"\"chatcmpl-lmgate\"", b"\"unknown\"");
         if let Some(m) = top[MESSAGE].clone() {
@@ -131,8 +135,14 @@ impl Stream {
                 true
             });
         }
+        // The id and model are copied into every chunk: an upstream that sent megabytes of them
+        // would multiply its every event by that much.
+        if id.len() > MAX_NAME || model.len() > MAX_NAME {
+            return Err(malformed("message_start", &format!("its id or model is longer than {MAX_NAME} bytes")));
+        }
         self.set_prefix(id, model);
         self.chunk(out, &[b"{\"role\":\"assistant\",\"content\":\"\"}"], None);
+        Ok(())
     }
 
     fn block_start(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) -> Result<(), Error> {
@@ -308,10 +318,7 @@ impl Translate for Stream {
             _ => b"",
         };
         let handled = match name {
-            b"message_start" => {
-                self.message_start(data, &top, out);
-                Ok(())
-            }
+            b"message_start" => self.message_start(data, &top, out),
             b"content_block_start" => self.block_start(data, &top, out),
             b"content_block_delta" => self.block_delta(data, &top, out),
             b"content_block_stop" => {
@@ -582,6 +589,28 @@ mod tests {
         assert!(error.is_none());
         assert_eq!(s.usage(), Some(Usage { prompt: max, completion: max }));
         assert_eq!(got[2]["usage"]["total_tokens"], max);
+    }
+
+    #[test]
+    fn a_huge_id_or_model_ends_the_stream_instead_of_being_copied_into_every_chunk() {
+        for (id, model) in [("x".repeat(1 << 20), "claude-x".to_owned()), ("msg_1".to_owned(), "m".repeat(1 << 20))] {
+            let start = (
+                "message_start",
+                json!({"type":"message_start","message":{"id":id,"type":"message",
+                "role":"assistant","model":model,"content":[],"usage":{"input_tokens":1}}}),
+            );
+            let delta = (
+                "content_block_delta",
+                json!({"type":"content_block_delta","index":0,
+                "delta":{"type":"text_delta","text":"a"}}),
+            );
+            let (got, error, _) = run(&[start, delta], false);
+            assert!(got.is_empty(), "nothing was written: {} events", got.len());
+            assert!(error.unwrap().message.contains("longer than 512 bytes"));
+        }
+        // Ordinary names pass.
+        let (got, error, _) = run(&[start(json!({"input_tokens":1})), stop()], false);
+        assert!(error.is_none() && got.len() == 2, "{got:?}");
     }
 
     #[test]
