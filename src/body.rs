@@ -384,8 +384,8 @@ struct Passthrough {
     last_frame: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
     out: Out,
-    /// An upstream frame taken but not yet handled: a large read, or trailers, that waits for
-    /// the gathered bytes before it to go out first.
+    /// An upstream read taken but not yet handled: a large one, which waits for the gathered
+    /// bytes before it to go out first.
     next: Option<Frame<Bytes>>,
     done: bool,
     connection: String,
@@ -580,12 +580,9 @@ impl Passthrough {
                             return ready(&mut self.out);
                         }
                         Ok(data) => data,
-                        // Trailers go after the data before them.
-                        Err(trailers) if !self.out.is_empty() => {
-                            self.next = Some(trailers);
-                            return ready(&mut self.out);
-                        }
-                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                        // Upstream trailers are dropped: no allow-list covers them, and they could
+                        // carry anything (a provider's internal ids, a set-cookie).
+                        Err(_trailers) => continue,
                     };
                     let fed = self.feed(data, &mut usage);
                     // A body of known length is over with its last byte: hyper stops polling

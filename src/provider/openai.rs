@@ -201,6 +201,20 @@ fn usage_edit(body: &[u8], options: Option<Range<usize>>) -> Result<Option<(Rang
 /// gateway's key: those are never relayed (the body may echo key fragments).
 pub fn classify(conn: &Connection, head: Response<Upstream>) -> Verdict {
     let status = head.status();
+    let encoding = head.headers().get(header::CONTENT_ENCODING).filter(|v| *v != "identity");
+    if let (true, Some(encoding)) = (status.is_success(), encoding) {
+        // The gateway asked for `accept-encoding: identity`; an encoded body could be neither
+        // observed for usage nor cut at events.
+        let error = Error::upstream_failure(
+            Kind::UpstreamMalformed,
+            format!(
+                "Connection `{}` answered with content-encoding `{}` although the gateway asked for identity.",
+                conn.name,
+                crate::error::clip(encoding.to_str().unwrap_or("?"))
+            ),
+        );
+        return Verdict::Failure { error, relay: None };
+    }
     if status.is_success() {
         return Verdict::Success(head);
     }

@@ -137,3 +137,47 @@ fn a_large_read_is_never_copied_to_join_a_small_one() {
     assert_eq!(out.len(), 2);
     assert_eq!((out[0].as_ptr(), out[1].as_ptr()), (small.as_ptr(), large.as_ptr()));
 }
+
+/// An upstream that sends one read, then trailers.
+struct WithTrailers(Option<Bytes>, bool);
+
+impl http_body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(read) = self.0.take() {
+            return Poll::Ready(Some(Ok(Frame::data(read))));
+        }
+        if std::mem::replace(&mut self.1, false) {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-upstream-secret", http::HeaderValue::from_static("s3cret"));
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        Poll::Ready(None)
+    }
+}
+
+#[test]
+fn upstream_trailers_are_dropped_not_forwarded() {
+    for mode in [Mode::json(), Mode::sse(true)] {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let _runtime = rt.enter();
+        let upstream = WithTrailers(Some(Bytes::from(chunk(0))), true);
+        let mut body = Body::passthrough_from(upstream, mode, Duration::from_secs(60), "test");
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut data = Vec::new();
+        loop {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => panic!("a trailers frame reached the client: {:?}", f.trailers_ref()),
+                },
+                Poll::Ready(Some(Err(e))) => panic!("{e}"),
+                Poll::Ready(None) => break,
+                Poll::Pending => {}
+            }
+        }
+        assert_eq!(data, chunk(0).as_bytes());
+    }
+}

@@ -278,3 +278,18 @@ async fn a_content_length_sent_together_with_chunked_framing_is_not_forwarded() 
     assert_ne!(resp.head.get("content-length"), Some("5"));
     assert_eq!(resp.text(), body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoded_success_body_is_a_clear_502_not_an_unobservable_relay() {
+    let up = Upstream::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ncontent-length: 4\r\n\r\n\x1f\x8b\x08\x00"
+                .to_vec(),
+        )]
+    })
+    .await;
+    let gw = Gateway::start(&config(up.addr, "", ""));
+    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[]}"#)).await;
+    let e = resp.openai_error(502);
+    assert!(e["message"].as_str().unwrap().contains("content-encoding `gzip`"), "{e}");
+}
