@@ -47,7 +47,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 // The file as written.
 
 /// The configuration file as written (see config.toml for every key, annotated).
-#[derive(Debug, Default, Deserialize)]
+// No `Debug` on the raw structs: they hold keys as written (literal keys included).
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// lm-proxy alias for the host part of `server.listen`.
@@ -105,7 +106,7 @@ pub enum ListingMode {
 /// ([`Provider::compile`]) and the flow refuses the keys of another provider. (A serde enum
 /// tagged by `api_type` would lose the line numbers: serde buffers a tagged table before it
 /// knows the variant.)
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConnection {
     /// The provider.
@@ -177,7 +178,7 @@ impl Secrets<'_> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawGroup {
     #[serde(default)]
@@ -187,7 +188,7 @@ struct RawGroup {
 }
 
 /// `"*"`, a comma-separated string (lm-proxy's form) or a list of names.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(untagged)]
 enum NameList {
     Text(String),
@@ -729,16 +730,40 @@ pub fn header_value(key: &str, v: &str) -> Result<HeaderValue, ConfigError> {
 }
 
 /// `base` (an http or https URL with a host and no query) followed by `path`; errors name `key`.
+/// Errors quote the URL with any credentials in it (`user:pass@`, a query) masked.
 pub fn endpoint_url(key: &str, base: &str, path: &str) -> Result<Uri, ConfigError> {
     let base = base.trim().trim_end_matches('/');
-    let parsed: Uri = base.parse().map_err(|_| ConfigError(format!("{key}: `{base}` is not a URL")))?;
+    let shown = redact_url(base);
+    let parsed: Uri = base.parse().map_err(|_| ConfigError(format!("{key}: `{shown}` is not a URL")))?;
     if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
-        return err(format!("{key}: `{base}` must be an http:// or https:// URL with a host"));
+        return err(format!("{key}: `{shown}` must be an http:// or https:// URL with a host"));
+    }
+    if parsed.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return err(format!(
+            "{key}: `{shown}` has credentials in it: put the key in api_key (or headers), where it is kept secret"
+        ));
     }
     if parsed.query().is_some() {
-        return err(format!("{key}: `{base}` may not have a query string"));
+        return err(format!("{key}: `{shown}` may not have a query string"));
     }
-    format!("{base}{path}").parse().map_err(|_| ConfigError(format!("{key}: `{base}` is not a URL")))
+    format!("{base}{path}").parse().map_err(|_| ConfigError(format!("{key}: `{shown}` is not a URL")))
+}
+
+/// `url` with anything that may be a credential masked: the user information before `@` in the
+/// authority, and the query.
+pub fn redact_url(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, _)) => (h, "?***"),
+        None => (url, ""),
+    };
+    let (scheme, rest) = head.split_once("://").unwrap_or(("", head));
+    let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_owned(),
+    };
+    let sep = if scheme.is_empty() { "" } else { "://" };
+    format!("{scheme}{sep}{authority}{path}{query}")
 }
 
 #[cfg(test)]
@@ -869,6 +894,29 @@ mod tests {
         assert_eq!(e.0, "connections.A.stream_usage: `stream_usage` is for openai connections, not anthropic");
         let e = parse("[connections.m]\napi_type = \"mock\"\nanthropic_version = \"x\"\n", &[]).unwrap_err();
         assert!(e.0.contains("is for anthropic connections, not mock"), "{e}");
+    }
+
+    #[test]
+    fn api_base_credentials_are_refused_and_never_shown() {
+        for (base, why) in [
+            ("https://user:sk-secret@api.example.com/v1", "credentials"),
+            ("https://api.example.com/v1?key=sk-secret", "query string"),
+            ("https://sk-secret@api.example.com/v1", "credentials"),
+        ] {
+            let e =
+                parse(&format!("[connections.o]\napi_type = \"openai\"\napi_base = \"{base}\"\n"), &[]).unwrap_err();
+            assert!(e.0.contains("connections.o.api_base") && e.0.contains(why), "{e}");
+            assert!(!e.0.contains("sk-secret"), "{e}");
+        }
+        // From the environment too: the error names the key, never the value.
+        let e = parse(
+            "[connections.o]\napi_type = \"openai\"\napi_base = \"env:BASE\"\n",
+            &[("BASE", "https://u:sk-secret@h.example/v1")],
+        )
+        .unwrap_err();
+        assert!(!e.0.contains("sk-secret"), "{e}");
+        assert_eq!(redact_url("https://u:p@h:1/v1?k=s"), "https://***@h:1/v1?***");
+        assert_eq!(redact_url("http://h/v1"), "http://h/v1");
     }
 
     #[test]
