@@ -51,6 +51,11 @@ const PIECES: [&str; 16] = [
 
 const DEFAULT_CHUNKS: usize = 16;
 const MAX_CHUNKS: usize = 100_000;
+/// The longest pause between stream chunks.
+const MAX_DELAY: Duration = Duration::from_secs(10);
+/// The longest a mock stream may last (chunks × delay): the shipped config serves the mock to
+/// anyone who can reach it, and a stream must not hold a connection for hours.
+const MAX_STREAM: Duration = Duration::from_secs(300);
 const DEFAULT_DIMENSIONS: usize = 1536;
 /// OpenAI's largest (text-embedding-3-large). A float vector renders to about 13 bytes per
 /// dimension, so the largest response is about 2048 x 3072 x 13 bytes = 80 MiB.
@@ -185,7 +190,15 @@ impl Mock {
         if chunks == 0 || chunks > MAX_CHUNKS {
             return Err(Error::invalid_request(format!("`x-mock-chunks` must be 1 to {MAX_CHUNKS}.")));
         }
-        let delay = Duration::from_micros(header_num(headers, "x-mock-delay-us")?.unwrap_or(0).min(10_000_000));
+        let delay = Duration::from_micros(header_num(headers, "x-mock-delay-us")?.unwrap_or(0));
+        if delay > MAX_DELAY || delay.saturating_mul(chunks as u32) > MAX_STREAM {
+            return Err(Error::invalid_request(format!(
+                "`x-mock-delay-us` must be at most {} and `x-mock-chunks` x `x-mock-delay-us` at most {} s.",
+                MAX_DELAY.as_micros(),
+                MAX_STREAM.as_secs()
+            ))
+            .param("x-mock-delay-us"));
+        }
         let req: Value = serde_json::from_slice(body).map_err(|e| Error::invalid_request(e.to_string()))?;
         let model = req.get("model").and_then(Value::as_str).unwrap_or("mock");
         let prompt = (body.len() as u64 / 4).max(1);
@@ -565,6 +578,24 @@ mod tests {
         // A vector larger than the whole budget is served, not cached.
         assert!(mock.vector(99, 3072, false).len() > 10_000);
         assert!(!mock.vectors.lock().unwrap().map.contains_key(&(99, 3072, false)));
+    }
+
+    #[test]
+    fn a_mock_stream_lasts_at_most_five_minutes_and_says_which_knob_is_over() {
+        let knobs = |chunks: &'static str, delay: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-mock-chunks", HeaderValue::from_static(chunks));
+            h.insert("x-mock-delay-us", HeaderValue::from_static(delay));
+            Mock::default().answer(Api::Chat, br#"{"model":"m","stream":true}"#, &h)
+        };
+        assert!(knobs("100", "1000").is_ok());
+        assert!(knobs("300", "1000000").is_ok(), "exactly five minutes");
+        for (chunks, delay) in
+            [("301", "1000000"), ("100000", "10000"), ("1", "10000001"), ("1", "18446744073709551615")]
+        {
+            let e = knobs(chunks, delay).err().unwrap_or_else(|| panic!("{chunks} x {delay} accepted"));
+            assert_eq!((e.status.as_u16(), e.param), (400, Some("x-mock-delay-us")), "{chunks} x {delay}");
+        }
     }
 
     #[test]
