@@ -45,7 +45,7 @@ pub struct Run<T> {
     pub target: usize,
     /// How many attempts were made.
     pub attempts: u32,
-    /// The failures before the last attempt, oldest first (for the log).
+    /// The failures before the last attempt, oldest first (the record logs their kinds).
     pub failed: Vec<Error>,
 }
 

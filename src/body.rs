@@ -20,7 +20,7 @@
 //!
 //! [`Recorded`] pairs a response body with the request's [`Record`], written when it is dropped.
 
-use crate::error::{Error, Kind};
+use crate::error::{Dialect, Error, Kind};
 use crate::json::{self, Usage};
 use crate::provider::Translate;
 use crate::record::{Outcome, Record};
@@ -267,7 +267,7 @@ pub enum Upstream {
     /// From a network upstream.
     Hyper(Incoming),
     /// From an in-process upstream.
-    Local(Box<Body>),
+    Local(Body),
     /// Any other body (tests, benches).
     Boxed(Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send + Sync>>),
 }
@@ -276,7 +276,7 @@ impl Upstream {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self {
             Upstream::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Upstream::Local(b) => Pin::new(&mut **b).poll_frame(cx),
+            Upstream::Local(b) => Pin::new(b).poll_frame(cx),
             Upstream::Boxed(b) => b.as_mut().poll_frame(cx),
         }
     }
@@ -541,11 +541,11 @@ impl Passthrough {
                 // A held partial event never reached the client; drop it so the error event
                 // is not glued onto it.
                 s.partial.clear();
-                self.out.push(e.to_sse());
+                self.out.push(e.render_event(Dialect::Openai));
                 Ok(())
             }
             Mode::Translate(_) => {
-                self.out.push(e.to_sse());
+                self.out.push(e.render_event(Dialect::Openai));
                 Ok(())
             }
             _ => Err(Box::new(e)),

@@ -144,6 +144,7 @@ impl Transport {
     }
 
     /// Whether two transports share one pool (or the one mock).
+    #[cfg(test)]
     pub fn same_as(&self, other: &Transport) -> bool {
         match (self, other) {
             (Transport::Http(a), Transport::Http(b)) => Arc::ptr_eq(a, b),
@@ -165,7 +166,7 @@ impl Transport {
     ) -> Result<Response<Upstream>, Error> {
         let client = match self {
             Transport::Http(client) => client,
-            Transport::Mock(mock) => return Ok(mock.serve(req).await.map(|b| Upstream::Local(Box::new(b)))),
+            Transport::Mock(mock) => return Ok(mock.serve(req).await.map(Upstream::Local)),
         };
         match tokio::time::timeout_at(deadline.into(), client.request(req)).await {
             Ok(Ok(r)) => Ok(r.map(Upstream::Hyper)),

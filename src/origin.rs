@@ -90,7 +90,9 @@ fn host_allowed(server: &Server, uri: &Uri, headers: &HeaderMap) -> bool {
     // A request with no host at all (HTTP/1.0) comes from no browser.
     let Some(authority) = authority else { return true };
     let host = host_of(authority);
-    host.eq_ignore_ascii_case("localhost")
+    // The usual names first, by bytes; an address is parsed only when they miss.
+    matches!(host, "127.0.0.1" | "::1")
+        || host.eq_ignore_ascii_case("localhost")
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
         || server.allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
 }

@@ -237,6 +237,7 @@ impl Proxy {
         let run = attempt::run(&route.targets, |target| Self::attempt(snap, group, &call, target)).await;
         record.connection = route.targets.get(run.target).map(|t| t.connection);
         record.attempts = run.attempts;
+        record.retried = run.failed.iter().map(|e| e.kind).collect();
         let (response, usage) = run.result?;
         record.usage = usage.or(record.usage);
         Ok(response)

@@ -42,6 +42,8 @@ pub struct Record {
     pub connection: Option<usize>,
     /// Upstream attempts made.
     pub attempts: u32,
+    /// The kinds of the failed attempts before the last one, oldest first.
+    pub retried: Vec<crate::error::Kind>,
     /// Status sent to the client.
     pub status: u16,
     /// Token usage, when the upstream reported it.
@@ -65,6 +67,7 @@ impl Record {
             key: None,
             connection: None,
             attempts: 0,
+            retried: Vec::new(),
             status: 0,
             usage: None,
             outcome: Outcome::ClientGone,
@@ -89,6 +92,8 @@ impl Drop for Record {
         let message = error.map(|e| e.message.as_str());
         let cause = error.and_then(|e| e.source.as_ref()).map(tracing::field::display);
         let key = self.key.map(tracing::field::display);
+        let retried: Vec<&str> = self.retried.iter().map(|k| k.name()).collect();
+        let retried = (!retried.is_empty()).then(|| retried.join(","));
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
@@ -104,6 +109,7 @@ impl Drop for Record {
                     completion_tokens = completion,
                     outcome,
                     attempts = self.attempts,
+                    retried = retried.as_deref(),
                     key,
                     error = message,
                     error_kind = kind,
@@ -158,7 +164,8 @@ mod tests {
             record.usage = Some(Usage { prompt: 11, completion: 7 });
             record.outcome = Outcome::Complete;
             record.key = Some(KeyId([0xab, 0, 1, 2, 3, 4, 5, 0xff]));
-            record.attempts = 1;
+            record.attempts = 2;
+            record.retried = vec![crate::error::Kind::UpstreamUnreachable];
             let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
             record.error =
                 Some(Error::upstream_failure(crate::error::Kind::UpstreamClosed, "closed early").caused_by(reset));
@@ -174,7 +181,8 @@ mod tests {
             "prompt_tokens=11",
             "completion_tokens=7",
             "key=ab000102030405ff",
-            "attempts=1",
+            "attempts=2",
+            "retried=\"upstream_unreachable\"",
             "error=\"closed early\"",
             "error_kind=\"upstream_closed\"",
             "error_side=\"upstream\"",

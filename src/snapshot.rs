@@ -52,6 +52,7 @@ impl Snapshot {
 
     /// Whether this snapshot's transport for connection `id` is the one `previous` had for the
     /// connection of the same name (the pool was kept).
+    #[cfg(test)]
     pub fn kept_transport(&self, id: usize, previous: &Snapshot) -> bool {
         let Some((conn, mine)) = self.connection(id) else { return false };
         previous.transport_named(conn).is_some_and(|theirs| mine.same_as(theirs))

@@ -137,7 +137,7 @@ pub fn classify(head: Response<Upstream>) -> Verdict {
 pub fn respond(mut head: Response<Upstream>) -> (Response<Body>, Option<Usage>) {
     let usage = head.extensions_mut().remove::<Usage>();
     let response = head.map(|body| match body {
-        Upstream::Local(b) => *b,
+        Upstream::Local(b) => b,
         other => Body::passthrough(other, Mode::Opaque, Duration::from_secs(300), "mock"),
     });
     (response, usage)

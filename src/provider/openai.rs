@@ -201,10 +201,12 @@ fn usage_edit(body: &[u8], options: Option<Range<usize>>) -> Result<Option<(Rang
 /// gateway's key: those are never relayed (the body may echo key fragments).
 pub fn classify(conn: &Connection, head: Response<Upstream>) -> Verdict {
     let status = head.status();
-    let encoding = head.headers().get(header::CONTENT_ENCODING).filter(|v| *v != "identity");
-    if let (true, Some(encoding)) = (status.is_success(), encoding) {
+    if status.is_success() {
         // The gateway asked for `accept-encoding: identity`; an encoded body could be neither
         // observed for usage nor cut at events.
+        let Some(encoding) = head.headers().get(header::CONTENT_ENCODING).filter(|v| *v != "identity") else {
+            return Verdict::Success(head);
+        };
         let error = Error::upstream_failure(
             Kind::UpstreamMalformed,
             format!(
@@ -214,9 +216,6 @@ pub fn classify(conn: &Connection, head: Response<Upstream>) -> Verdict {
             ),
         );
         return Verdict::Failure { error, relay: None };
-    }
-    if status.is_success() {
-        return Verdict::Success(head);
     }
     let error = super::status_error(conn, status, head.headers());
     let relay = (error.kind != Kind::UpstreamAuth).then_some(head);
