@@ -688,6 +688,15 @@ impl http_body::Body for Body {
     }
 }
 
+impl Recorded {
+    /// Marks a response the client stopped taking: the record says so unless it already ended.
+    pub fn stalled(&mut self) {
+        if self.record.outcome == Outcome::ClientGone {
+            self.record.outcome = Outcome::ClientStalled;
+        }
+    }
+}
+
 impl http_body::Body for Recorded {
     type Data = Bytes;
     type Error = BoxError;

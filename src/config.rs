@@ -88,6 +88,12 @@ struct RawServer {
     cors_allowed_origins: Option<toml::Spanned<Vec<String>>>,
     allowed_hosts: Option<toml::Spanned<Vec<String>>>,
     open: Option<toml::Spanned<bool>>,
+    header_read_timeout_secs: Option<toml::Spanned<f64>>,
+    idle_timeout_secs: Option<toml::Spanned<f64>>,
+    send_timeout_secs: Option<toml::Spanned<f64>>,
+    max_connections: Option<toml::Spanned<i64>>,
+    max_request_head_bytes: Option<toml::Spanned<i64>>,
+    max_buffered_request_mb: Option<toml::Spanned<i64>>,
 }
 
 /// How `/v1/models` shows wildcard routing patterns.
@@ -252,6 +258,20 @@ pub struct Server {
     pub allowed_hosts: Vec<String>,
     /// Running without client keys on a non-loopback address was asked for explicitly.
     pub open: bool,
+    /// How long a connection may take to send a request head: its first one from accept, a
+    /// later HTTP/1 one from its first byte.
+    pub header_read_timeout: Duration,
+    /// How long a connection with no request in flight stays open (h2: then a GOAWAY).
+    pub idle_timeout: Duration,
+    /// How long a response may wait on a client that takes none of it before the connection is
+    /// closed and the upstream cancelled.
+    pub send_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers; h2: header list) before 431.
+    pub max_request_head_bytes: usize,
+    /// Request body bytes buffered across all requests in flight.
+    pub max_buffered_request_bytes: usize,
 }
 
 /// Per-connection timeouts.
@@ -623,6 +643,25 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
             .collect()
     })?;
     let open = s.open.as_ref().is_some_and(|o| *o.get_ref());
+    let source = raw.source.as_deref();
+    let header_read_timeout =
+        spanned_secs("server.header_read_timeout_secs", &s.header_read_timeout_secs, 30.0, source)?;
+    let idle_timeout = spanned_secs("server.idle_timeout_secs", &s.idle_timeout_secs, 120.0, source)?;
+    let send_timeout = spanned_secs("server.send_timeout_secs", &s.send_timeout_secs, 60.0, source)?;
+    let max_connections = count("server.max_connections", &s.max_connections, 10_000, 1, source)?;
+    // hyper's HTTP/1 read buffer, which bounds the head, cannot be smaller than 8 KiB.
+    let max_request_head_bytes =
+        count("server.max_request_head_bytes", &s.max_request_head_bytes, 64 << 10, 8192, source)?;
+    let buffered_mb = count("server.max_buffered_request_mb", &s.max_buffered_request_mb, 512, 1, source)?;
+    let max_buffered_request_bytes = buffered_mb.saturating_mul(1 << 20);
+    if max_buffered_request_bytes < max_request_bytes {
+        let line = s.max_buffered_request_mb.as_ref().map_or(String::new(), |v| line_of(source, v.span()));
+        return err(format!(
+            "server.max_buffered_request_mb{line}: {buffered_mb} MiB is less than server.max_request_bytes \
+             ({max_request_bytes} bytes), so the largest allowed request could never be read: raise it or lower \
+             max_request_bytes"
+        ));
+    }
     Ok(Server {
         listen,
         max_request_bytes,
@@ -633,7 +672,43 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
         cors_allowed_origins,
         allowed_hosts,
         open,
+        header_read_timeout,
+        idle_timeout,
+        send_timeout,
+        max_connections,
+        max_request_head_bytes,
+        max_buffered_request_bytes,
     })
+}
+
+/// A positive number of seconds from a spanned key; errors name the key and its line.
+fn spanned_secs(
+    key: &str,
+    v: &Option<toml::Spanned<f64>>,
+    default: f64,
+    source: Option<&str>,
+) -> Result<Duration, ConfigError> {
+    let line = v.as_ref().map_or(String::new(), |v| line_of(source, v.span()));
+    secs(&format!("{key}{line}"), v.as_ref().map(|v| *v.get_ref()), default, false)
+}
+
+/// A whole number of at least `min` from a spanned key; errors name the key and its line.
+fn count(
+    key: &str,
+    v: &Option<toml::Spanned<i64>>,
+    default: usize,
+    min: usize,
+    source: Option<&str>,
+) -> Result<usize, ConfigError> {
+    let Some(v) = v else { return Ok(default) };
+    match usize::try_from(*v.get_ref()) {
+        Ok(n) if n >= min => Ok(n),
+        _ => err(format!(
+            "{key}{}: `{}` must be a whole number of at least {min}",
+            line_of(source, v.span()),
+            v.get_ref()
+        )),
+    }
 }
 
 /// `, line N` for a span of the file, when the file's text is known.
@@ -855,6 +930,32 @@ mod tests {
         assert!(e.0.contains("routing.\"x\"") && e.0.contains("`b`"), "{e}");
         let e = parse("[connections.a]\napi_type = \"mock\"\n[routing]\n\"x\" = \"a\"\n", &[]).unwrap_err();
         assert!(e.0.contains("connection.model"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_bad_values_name_the_key_and_line() {
+        let cfg = parse("", &[]).unwrap();
+        let s = &cfg.server;
+        assert_eq!(
+            (s.header_read_timeout, s.idle_timeout, s.send_timeout),
+            (Duration::from_secs(30), Duration::from_secs(120), Duration::from_secs(60))
+        );
+        assert_eq!((s.max_connections, s.max_request_head_bytes), (10_000, 64 << 10));
+        assert_eq!(s.max_buffered_request_bytes, 512 << 20);
+        for (line, key) in [
+            ("header_read_timeout_secs = 0", "server.header_read_timeout_secs (line 3)"),
+            ("idle_timeout_secs = -1", "server.idle_timeout_secs (line 3)"),
+            ("send_timeout_secs = 0", "server.send_timeout_secs (line 3)"),
+            ("max_connections = 0", "server.max_connections (line 3)"),
+            ("max_request_head_bytes = 4096", "server.max_request_head_bytes (line 3)"),
+            ("max_buffered_request_mb = -5", "server.max_buffered_request_mb (line 3)"),
+        ] {
+            let e = parse(&format!("[server]\n\n{line}\n"), &[]).unwrap_err();
+            assert!(e.0.starts_with(key), "{line}: {e}");
+        }
+        // A budget smaller than one allowed request contradicts max_request_bytes.
+        let e = parse("[server]\nmax_request_bytes = 8388608\nmax_buffered_request_mb = 4\n", &[]).unwrap_err();
+        assert!(e.0.starts_with("server.max_buffered_request_mb (line 3)") && e.0.contains("max_request_bytes"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub enum Outcome {
     Complete,
     /// The upstream failed or stalled after the response started.
     UpstreamFailed,
+    /// The client took none of the response for `send_timeout_secs`: the connection was closed
+    /// and the upstream cancelled.
+    ClientStalled,
 }
 
 /// The request's log record; written on drop.
@@ -85,6 +88,7 @@ impl Drop for Record {
             Outcome::ClientGone => "client_gone",
             Outcome::Complete => "complete",
             Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::ClientStalled => "client_stalled",
         };
         let error = self.error.as_ref();
         let kind = error.map(|e| e.kind.name());
@@ -118,7 +122,7 @@ impl Drop for Record {
                 )
             };
         }
-        if self.status >= 500 || self.outcome == Outcome::UpstreamFailed {
+        if self.status >= 500 || matches!(self.outcome, Outcome::UpstreamFailed | Outcome::ClientStalled) {
             line!(warn)
         } else {
             line!(info)

@@ -5,6 +5,7 @@ mod reference;
 mod sse;
 
 // The gateway over real sockets: in-process gateway, scripted upstream, raw client.
+mod connections;
 mod harness;
 mod origin;
 mod request_bytes;
