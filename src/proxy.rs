@@ -5,7 +5,7 @@
 //! local endpoints (health)               -> answered here
 //! auth::check(headers)                   -> 401, one generic body; the caller's group and key id
 //! models                                 -> answered from routing, filtered by the group
-//! bounded body read (max_request_bytes)  -> 413; body_timeout_secs -> 408
+//! bounded body read (max_request_bytes)  -> 413 (after reading the rest, bounded); body_timeout_secs -> 408
 //! json::scan_request: model, stream      -> 400 (malformed, missing, duplicated)
 //! router.route(model)                    -> 404; a route: its targets in order
 //! attempt loop, per target:              -> disabled connection 503; group may not 403
@@ -118,7 +118,7 @@ impl Proxy {
     /// Answers one request. Never fails: errors become error responses in the endpoint's dialect.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Recorded>
     where
-        B: http_body::Body<Data = Bytes> + Send,
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let snap = self.snapshot.load_full();
@@ -192,20 +192,28 @@ impl Proxy {
         record: &mut Record,
     ) -> Result<Response<Body>, Error>
     where
-        B: http_body::Body<Data = Bytes> + Send,
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let cfg = &*snap.config;
         let limit = cfg.server.max_request_bytes;
         let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut body = body;
         if declared.is_some_and(|n| n > limit as u64) {
+            // A client waiting for `100 Continue` sends nothing more: it reads the 413 at once.
+            if headers.get(header::EXPECT).is_none() {
+                linger(body, cfg.server.body_timeout);
+            }
             return Err(Error::too_large(limit));
         }
         // Bounded in size and in time: a client trickling its body cannot hold a connection.
-        let read = tokio::time::timeout(cfg.server.body_timeout, Limited::new(body, limit).collect());
+        let read = tokio::time::timeout(cfg.server.body_timeout, Limited::new(&mut body, limit).collect());
         let body = match read.await {
             Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(Error::too_large(limit)),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                linger(body, cfg.server.body_timeout);
+                return Err(Error::too_large(limit));
+            }
             Ok(Err(_)) => return Err(Error::invalid_request("Could not read the request body.")),
             Err(_) => return Err(Error::body_timeout(cfg.server.body_timeout)),
         };
@@ -283,6 +291,35 @@ impl Proxy {
         }
     }
 }
+
+/// Reads and discards the rest of a refused (too large) request body while the 413 goes out, for
+/// at most [`LINGER`] (or the body timeout, if shorter) and [`LINGER_BYTES`]. Closing a socket
+/// with unread data makes the kernel send a reset, and a client still writing its body (urllib,
+/// `requests`) then sees "connection reset" or "broken pipe" instead of the 413. Past either
+/// bound the body is dropped and the connection closed (nginx's lingering close, bounded the
+/// same way). The 413 is not delayed: hyper writes it while this task takes the body.
+fn linger<B>(body: B, body_timeout: std::time::Duration)
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut left = LINGER_BYTES;
+        let drain = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                left = left.saturating_sub(frame.data_ref().map_or(0, Bytes::len));
+                if left == 0 {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER.min(body_timeout), drain).await;
+    });
+}
+
+/// Bounds on reading a refused body ([`linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+const LINGER_BYTES: usize = 256 << 20;
 
 /// `GET /v1/models` and `/v1/models/{id}`: built from routing, filtered by the caller's group.
 /// Routes to a disabled connection (its key variable is missing) are left out: the caller

@@ -82,6 +82,44 @@ async fn a_body_that_never_finishes_arriving_gets_a_408_and_never_reaches_the_up
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_writing_an_oversized_body_reads_the_413_not_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_up, gw) = setup().await;
+    // 16 MiB declared and sent while the answer is read, as urllib and `requests` do: more than
+    // the sockets hold, so a gateway that closes without reading the rest resets the connection
+    // before the client has read the 413.
+    const SIZE: usize = 16 << 20;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer gk\r\ncontent-type: application/json\r\ncontent-length: {SIZE}\r\n\r\n"
+    );
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        write.write_all(head.as_bytes()).await?;
+        let block = vec![b'x'; 64 << 10];
+        for _ in 0..SIZE / block.len() {
+            write.write_all(&block).await?;
+        }
+        Ok::<_, std::io::Error>(write)
+    });
+    let mut got = Vec::new();
+    crate::harness::within("the 413", async {
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match read.read(&mut buf).await {
+                Ok(0) => panic!("closed before a response head"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("{e} before a response head"),
+            }
+        }
+    })
+    .await;
+    assert!(got.starts_with(b"HTTP/1.1 413 "), "{}", String::from_utf8_lossy(&got));
+    let written = crate::harness::within("the body to be sent", writer).await.unwrap();
+    assert!(written.is_ok(), "the body could not be sent: {:?}", written.err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_max_request_bytes_gets_a_413_with_content_length_or_chunked() {
     let (mut up, gw) = setup().await;
 
