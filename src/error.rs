@@ -308,6 +308,16 @@ impl Error {
         Self::new(Kind::Unavailable, message).code("connection_unavailable")
     }
 
+    /// 503: the gateway holds as many request bodies as `max_buffered_request_mb` allows and no
+    /// room came free within the body timeout. The client is told to retry in a second.
+    pub fn busy() -> Self {
+        let mut e =
+            Self::new(Kind::Unavailable, "The gateway is holding as many request bodies as it may; retry shortly.")
+                .code("gateway_busy");
+        e.retry_after = Some(Duration::from_secs(1));
+        e
+    }
+
     /// A failure of the upstream of `kind` (unreachable, closed, broken, timeout, malformed),
     /// with the codes clients see for it.
     pub fn upstream_failure(kind: Kind, message: impl Into<String>) -> Self {

@@ -3,12 +3,14 @@
 //! # Architecture (read this first)
 //!
 //! The parts, in request order, and what each owns:
-//! - [`server`]: listener (socket2 options), HTTP/1.1 + h2c connections, graceful shutdown.
+//! - [`server`]: listener (socket2 options, `max_connections`), HTTP/1.1 + h2c connections, the
+//!   per-connection deadlines (head, idle, send), graceful shutdown.
 //! - [`snapshot`]: one configuration and the upstream transports built for it, swapped whole
 //!   ([`proxy::Proxy::reload`]); each request loads it once. State that must survive a reload
 //!   (the mock's cache; later limits, spend, cooldowns, metrics) lives outside it, by name.
 //! - [`proxy`]: `Proxy::handle` and `Proxy::forward`, the whole request flow top to bottom:
 //!   authenticate → read the body → scan → route → the attempt loop → respond.
+//! - [`budget`]: the request-body bytes held across all requests (`max_buffered_request_mb`).
 //! - [`auth`]: virtual keys (hashed, constant-time) → the caller: group and a stable key id.
 //! - [`json`]: the non-allocating request scanner and splice points; usage extraction.
 //! - [`router`]: model patterns → a route: its targets (connection + upstream model), in order.
@@ -53,6 +55,7 @@ pub mod attempt;
 pub mod auth;
 pub mod bench;
 pub mod body;
+pub mod budget;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -19,8 +19,9 @@
 use crate::attempt::{self, Outcome};
 use crate::auth::{self, Caller};
 use crate::body::{Body, Recorded};
+use crate::budget::{Budget, Held};
 use crate::config::{Config, ConfigError, Group};
-use crate::error::{Dialect, Error};
+use crate::error::{Dialect, Error, Kind};
 use crate::json::{self, RequestError, Usage};
 use crate::origin;
 use crate::provider::{mock::Mock, Api, Call, Verdict};
@@ -30,7 +31,7 @@ use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,6 +42,8 @@ pub struct Proxy {
     snapshot: ArcSwap<Snapshot>,
     mock: Arc<Mock>,
     draining: AtomicBool,
+    /// Request bodies held across all requests in flight; outlives reloads.
+    budget: Budget,
 }
 
 /// What a request path names.
@@ -88,7 +91,12 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Self, ConfigError> {
         let mock = Arc::new(Mock::default());
         let snapshot = Snapshot::new(config, &mock, None)?;
-        Ok(Proxy { snapshot: ArcSwap::from_pointee(snapshot), mock, draining: AtomicBool::new(false) })
+        Ok(Proxy {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            mock,
+            draining: AtomicBool::new(false),
+            budget: Budget::default(),
+        })
     }
 
     /// The configuration in use.
@@ -167,7 +175,11 @@ impl Proxy {
         let mut response = match result {
             Ok(r) => r,
             Err(e) => {
-                let response = json_response(e.status, e.render(dialect));
+                let mut response = json_response(e.status, e.render(dialect));
+                if let Some(wait) = e.retry_after {
+                    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
                 record.outcome = Ended::Complete;
                 record.error = Some(e);
                 response
@@ -206,16 +218,17 @@ impl Proxy {
             }
             return Err(Error::too_large(limit));
         }
-        // Bounded in size and in time: a client trickling its body cannot hold a connection.
-        let read = tokio::time::timeout(cfg.server.body_timeout, Limited::new(&mut body, limit).collect());
-        let body = match read.await {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                linger(body, cfg.server.body_timeout);
-                return Err(Error::too_large(limit));
+        // Bounded in size, in time (a client trickling its body cannot hold a connection) and in
+        // memory across all requests (the bytes stay held until this request is done with them).
+        let mut held = self.budget.none();
+        let body = match read_body(&mut body, declared, &cfg.server, &mut held).await {
+            Ok(b) => b,
+            Err(e) => {
+                if e.kind == Kind::TooLarge {
+                    linger(body, cfg.server.body_timeout);
+                }
+                return Err(e);
             }
-            Ok(Err(_)) => return Err(Error::invalid_request("Could not read the request body.")),
-            Err(_) => return Err(Error::body_timeout(cfg.server.body_timeout)),
         };
 
         let fields = json::scan_request(&body).map_err(|e| match e {
@@ -290,6 +303,54 @@ impl Proxy {
             Verdict::Failure { error, relay: None } => Outcome::failed(error),
         }
     }
+}
+
+/// Reads a request body within `max_request_bytes` (413), the body timeout (408) and the
+/// buffered-bytes budget (503 when no room comes free within the body timeout). One frame is
+/// kept as it came; more are joined into one buffer.
+async fn read_body<B>(
+    body: &mut B,
+    declared: Option<u64>,
+    server: &crate::config::Server,
+    held: &mut Held<'_>,
+) -> Result<Bytes, Error>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let deadline = tokio::time::Instant::now() + server.body_timeout;
+    let limit = server.max_request_bytes;
+    let mut first: Option<Bytes> = None;
+    let mut joined = bytes::BytesMut::new();
+    let mut len = 0;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(_))) => return Err(Error::invalid_request("Could not read the request body.")),
+            Err(_) => return Err(Error::body_timeout(server.body_timeout)),
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        len += data.len();
+        if len > limit {
+            return Err(Error::too_large(limit));
+        }
+        if !held.take(data.len(), server.max_buffered_request_bytes, deadline).await {
+            return Err(Error::busy());
+        }
+        match &first {
+            None => first = Some(data),
+            Some(f) => {
+                if joined.is_empty() {
+                    let expected = declared.map_or(2 * len, |d| d as usize);
+                    joined.reserve(expected.min(limit));
+                    joined.extend_from_slice(f);
+                }
+                joined.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(if joined.is_empty() { first.unwrap_or_default() } else { joined.freeze() })
 }
 
 /// Reads and discards the rest of a refused (too large) request body while the 413 goes out, for

@@ -200,3 +200,46 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout_and_the_upstream_
     let logs = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("outcome=\"client_stalled\"") || logs.contains("outcome=client_stalled"), "{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_past_max_buffered_request_mb_wait_for_room_then_get_503() {
+    use crate::harness::upstream::{json, Gate};
+    // The first request's upstream holds its answer until the gate opens, so its 700 KB body
+    // stays held; the budget is 1 MiB.
+    let gate = Gate::new();
+    let g = gate.clone();
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut up = Upstream::start(move |_| {
+        let mut steps = Vec::new();
+        if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            steps.push(Step::Wait(g.clone()));
+        }
+        steps.push(Step::Write(json(r#"{"ok":true}"#)));
+        steps
+    })
+    .await;
+    let server = "[server]\nmax_request_bytes = 1048576\nmax_buffered_request_mb = 1\nbody_timeout_secs = 0.5\n";
+    let gw = Gateway::start(&config(up.addr, "", server));
+    let body = format!(r#"{{"model":"m-1","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(700_000));
+    let mut holder = Client::connect(gw.addr).await;
+    holder.send(&post("/v1/chat/completions", &[], &body)).await;
+    up.request().await;
+
+    // No room: the second waits its body timeout, then 503 with Retry-After; never upstream.
+    let started = Instant::now();
+    let mut second = Client::connect(gw.addr).await;
+    second.send(&post("/v1/chat/completions", &[], &body)).await;
+    let r = second.response().await;
+    assert_eq!(r.openai_error(503)["code"], "gateway_busy");
+    assert_eq!(r.head.get("retry-after"), Some("1"));
+    assert!(started.elapsed() >= Duration::from_millis(400), "answered before the body timeout");
+    assert!(up.try_request().is_none(), "a refused request reached the upstream");
+
+    // A request waiting for room gets it when the first is done.
+    let mut third = Client::connect(gw.addr).await;
+    third.send(&post("/v1/chat/completions", &[], &body)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.open();
+    assert_eq!(holder.response().await.status(), 200);
+    assert_eq!(third.response().await.status(), 200);
+}
