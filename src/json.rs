@@ -48,6 +48,12 @@ pub struct RequestFields {
     pub stream: Option<Range<usize>>,
     /// The `stream_options` value.
     pub stream_options: Option<Range<usize>>,
+    /// The `messages` value (chat).
+    pub messages: Option<Range<usize>>,
+    /// The `prompt` value (completions).
+    pub prompt: Option<Range<usize>>,
+    /// The `input` value (embeddings).
+    pub input: Option<Range<usize>>,
 }
 
 /// Why a request body is unusable: malformed JSON, or a duplicated member.
@@ -59,8 +65,9 @@ pub enum RequestError {
     Duplicate(&'static str),
 }
 
-/// Validates `body` as one JSON object and locates its top-level `model`, `stream` and
-/// `stream_options` values. Nested keys of the same names are not looked at.
+/// Validates `body` as one JSON object and locates its top-level `model`, `stream`,
+/// `stream_options`, `messages`, `prompt` and `input` values. Nested keys of the same names are
+/// not looked at.
 pub fn scan_request(body: &[u8]) -> Result<RequestFields, RequestError> {
     if let Err(e) = std::str::from_utf8(body) {
         return Err(RequestError::Syntax(ScanError { offset: e.valid_up_to(), what: "invalid UTF-8" }));
@@ -72,6 +79,9 @@ pub fn scan_request(body: &[u8]) -> Result<RequestFields, RequestError> {
             Some(Known::Model) => (&mut fields.model, "model"),
             Some(Known::Stream) => (&mut fields.stream, "stream"),
             Some(Known::StreamOptions) => (&mut fields.stream_options, "stream_options"),
+            Some(Known::Messages) => (&mut fields.messages, "messages"),
+            Some(Known::Prompt) => (&mut fields.prompt, "prompt"),
+            Some(Known::Input) => (&mut fields.input, "input"),
             None => return true,
         };
         if slot.0.is_some() {
@@ -139,6 +149,9 @@ enum Known {
     Model,
     Stream,
     StreamOptions,
+    Messages,
+    Prompt,
+    Input,
 }
 
 fn key_name(raw: &[u8]) -> Option<Known> {
@@ -146,6 +159,9 @@ fn key_name(raw: &[u8]) -> Option<Known> {
         b"model" => Some(Known::Model),
         b"stream" => Some(Known::Stream),
         b"stream_options" => Some(Known::StreamOptions),
+        b"messages" => Some(Known::Messages),
+        b"prompt" => Some(Known::Prompt),
+        b"input" => Some(Known::Input),
         _ => None,
     }
 }

@@ -251,6 +251,7 @@ impl Proxy {
             Some(_) => return Err(Error::invalid_request("`stream` must be a boolean.").param("stream")),
         };
         record.model = Some(model.clone());
+        required_member(api, &fields, &body)?;
 
         let route = cfg.router.route(&model).ok_or_else(|| Error::model_not_found(&model))?;
         let call = Call { api, body: &body, fields: &fields, model: &model, stream, headers };
@@ -302,6 +303,44 @@ impl Proxy {
             }
             Verdict::Failure { error, relay: None } => Outcome::failed(error),
         }
+    }
+}
+
+/// The member each endpoint cannot do without, checked on the scan's ranges (no second pass): chat
+/// needs a non-empty `messages` array, completions a `prompt`, embeddings a non-empty `input`.
+/// A request without it could never succeed, so no upstream is asked.
+fn required_member(api: Api, fields: &json::RequestFields, body: &[u8]) -> Result<(), Error> {
+    let (name, range) = match api {
+        Api::Chat => ("messages", &fields.messages),
+        Api::Completions => ("prompt", &fields.prompt),
+        Api::Embeddings => ("input", &fields.input),
+    };
+    let value = match range {
+        None => return Err(Error::invalid_request(format!("Missing required parameter: '{name}'.")).param(name)),
+        Some(r) => &body[r.clone()],
+    };
+    // `[]`, `[ ]` or `""`: the value holds nothing but white space between its delimiters.
+    let empty = matches!(value[0], b'[' | b'"') && value[1..value.len() - 1].iter().all(u8::is_ascii_whitespace);
+    let problem = match (api, value[0]) {
+        (_, b'n') => Some("null"),
+        (Api::Chat, b'[') if empty => Some("an empty array"),
+        (Api::Chat, b'[') => None,
+        (Api::Chat, _) => Some("not an array"),
+        (Api::Embeddings, b'[') if empty => Some("an empty array"),
+        (Api::Embeddings, b'"') if value.len() == 2 => Some("an empty string"),
+        _ => None,
+    };
+    match problem {
+        None => Ok(()),
+        Some(what) => Err(Error::invalid_request(format!(
+            "Invalid '{name}': {what}. {}",
+            match api {
+                Api::Chat => "Expected an array of at least one message.",
+                Api::Completions => "Expected a string or an array of strings or tokens.",
+                Api::Embeddings => "Expected a non-empty string or a non-empty array of strings or tokens.",
+            }
+        ))
+        .param(name)),
     }
 }
 
@@ -490,7 +529,7 @@ mod tests {
 
     /// Status and body of a chat request for `model`, answered by `proxy`.
     async fn chat(proxy: &Proxy, model: &str) -> (u16, String) {
-        let body = format!("{{\"model\":\"{model}\",\"messages\":[]}}");
+        let body = format!("{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}");
         let req = Request::post("/v1/chat/completions").body(http_body_util::Full::new(Bytes::from(body))).unwrap();
         let resp = proxy.handle(req).await;
         let status = resp.status().as_u16();

@@ -5,7 +5,7 @@ use crate::harness::client::{exchange, post};
 use crate::harness::upstream::{json, Step, Upstream};
 use crate::harness::{config, Gateway};
 
-const BODY: &str = r#"{"model":"m-1","messages":[]}"#;
+const BODY: &str = r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#;
 
 /// A raw request with an exact `Host` and extra headers.
 fn request(method: &str, host: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
@@ -41,7 +41,15 @@ async fn a_web_page_of_an_unlisted_origin_is_refused_before_any_upstream() {
     .await;
     assert_eq!(resp.status(), 403);
     // Nothing reached the upstream: the next request it sees is this one, from no browser.
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","user":"marker"}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post(
+            "/v1/chat/completions",
+            &[],
+            r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"user":"marker"}"#,
+        ),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.head.get("access-control-allow-origin"), None, "no CORS header without an Origin");
     assert!(up.request().await.body_text().contains("marker"));

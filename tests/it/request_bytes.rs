@@ -103,9 +103,9 @@ async fn a_renamed_route_changes_only_the_top_level_model_value() {
         // The model value written with an escape.
         (r#"{"model":"al\u0069as","messages":[{"role":"user","content":"x"}],"user":"mod\"el"}"#, r#"{"model":"real","messages":[{"role":"user","content":"x"}],"user":"mod\"el"}"#),
         // The key written with an escape.
-        ("{\"metadata\":{\"model\":\"alias\"},\r\n\"mod\\u0065l\"\r\n:\r\n\"alias\"}", "{\"metadata\":{\"model\":\"alias\"},\r\n\"mod\\u0065l\"\r\n:\r\n\"real\"}"),
+        ("{\"metadata\":{\"model\":\"alias\"},\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\r\n\"mod\\u0065l\"\r\n:\r\n\"alias\"}", "{\"metadata\":{\"model\":\"alias\"},\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\r\n\"mod\\u0065l\"\r\n:\r\n\"real\"}"),
         // A stream: the rename and the usage splice together.
-        (r#"{"model":"alias","stream":true,"messages":[]}"#, r#"{"model":"real","stream":true,"messages":[],"stream_options":{"include_usage":true}}"#),
+        (r#"{"model":"alias","stream":true,"messages":[{"role":"user","content":"hi"}]}"#, r#"{"model":"real","stream":true,"messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#),
     ];
     for (sent, want) in cases {
         let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], sent)).await;
@@ -120,41 +120,41 @@ async fn a_renamed_route_changes_only_the_top_level_model_value() {
 const USAGE_CASES: &[(&str, &str)] = &[
     // Absent: inserted before the closing brace.
     (
-        r#"{"model":"m-1","stream":true,"messages":[]}"#,
-        r#"{"model":"m-1","stream":true,"messages":[],"stream_options":{"include_usage":true}}"#,
+        r#"{"model":"m-1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"m-1","stream":true,"messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#,
     ),
     // Absent, with white space around the closing brace.
     (
-        "{\"model\":\"m-1\",\"stream\":true }\n",
-        "{\"model\":\"m-1\",\"stream\":true ,\"stream_options\":{\"include_usage\":true}}\n",
+        "{\"model\":\"m-1\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true }\n",
+        "{\"model\":\"m-1\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true ,\"stream_options\":{\"include_usage\":true}}\n",
     ),
     // null: replaced.
     (
-        r#"{"model":"m-1","stream":true,"stream_options":null}"#,
-        r#"{"model":"m-1","stream":true,"stream_options":{"include_usage":true}}"#,
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":null}"#,
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#,
     ),
     // Empty object: replaced.
     (
-        r#"{"model":"m-1","stream":true,"stream_options":{ }}"#,
-        r#"{"model":"m-1","stream":true,"stream_options":{"include_usage":true}}"#,
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{ }}"#,
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#,
     ),
     // false: flipped in place.
     (
-        r#"{"stream_options":{"include_usage":false},"model":"m-1","stream":true}"#,
-        r#"{"stream_options":{"include_usage":true},"model":"m-1","stream":true}"#,
+        r#"{"stream_options":{"include_usage":false},"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        r#"{"stream_options":{"include_usage":true},"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
     ),
     // Other keys only: the member is added, the others kept.
     (
-        r#"{"model":"m-1","stream":true,"stream_options":{"continuous_usage_stats":true}}"#,
-        r#"{"model":"m-1","stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true}}"#,
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"continuous_usage_stats":true}}"#,
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true}}"#,
     ),
     // Already true: untouched.
     (
-        r#"{"model":"m-1","stream":true,"stream_options":{"include_usage" : true}}"#,
-        r#"{"model":"m-1","stream":true,"stream_options":{"include_usage" : true}}"#,
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage" : true}}"#,
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage" : true}}"#,
     ),
     // Not a stream: untouched.
-    (r#"{"model":"m-1","stream":false}"#, r#"{"model":"m-1","stream":false}"#),
+    (r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":false}"#, r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":false}"#),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +193,7 @@ async fn forward_headers_patterns_never_forward_credentials_framing_or_hop_by_ho
             &format!("forward_headers = {patterns}"),
             "[groups.g]\napi_keys = [\"gw-key\"]\n",
         ));
-        let body = r#"{"model":"alias","messages":[]}"#;
+        let body = r#"{"model":"alias","messages":[{"role":"user","content":"hi"}]}"#;
         let headers = [
             ("x-api-key", "gw-key"),
             ("api-key", "gw-key"),
@@ -213,7 +213,7 @@ async fn forward_headers_patterns_never_forward_credentials_framing_or_hop_by_ho
         assert_eq!(resp.status(), 200, "{patterns}: {}", resp.text());
         let req = up.request().await;
         let head = String::from_utf8_lossy(&req.raw[..req.raw.len() - req.body.len()]).into_owned();
-        let want = r#"{"model":"real","messages":[]}"#;
+        let want = r#"{"model":"real","messages":[{"role":"user","content":"hi"}]}"#;
         assert_eq!(req.body_text(), want);
         assert_eq!(req.all("content-length"), [want.len().to_string()], "{patterns}:\n{head}");
         assert_eq!(req.all("host"), [up.addr.to_string()], "{patterns}:\n{head}");

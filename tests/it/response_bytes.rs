@@ -76,9 +76,15 @@ async fn a_stream_reaches_the_client_byte_for_byte_minus_only_the_usage_event_it
         let gw = Gateway::start(&config(up.addr, "", ""));
 
         // The client did not ask for usage: the gateway did, so it removes that one event.
-        let resp =
-            exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","stream":true,"messages":[]}"#))
-                .await;
+        let resp = exchange(
+            gw.addr,
+            &post(
+                "/v1/chat/completions",
+                &[],
+                r#"{"model":"m-1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+            ),
+        )
+        .await;
         assert_eq!(resp.status(), 200, "{}", resp.text());
         let mut want = events.clone();
         want.remove(USAGE);
@@ -95,7 +101,7 @@ async fn a_stream_reaches_the_client_byte_for_byte_minus_only_the_usage_event_it
             &post(
                 "/v1/chat/completions",
                 &[],
-                r#"{"model":"m-1","stream":true,"stream_options":{"include_usage":true}}"#,
+                r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#,
             ),
         )
         .await;
@@ -110,7 +116,11 @@ async fn a_json_body_reaches_the_client_byte_for_byte() {
     let mut up =
         Upstream::start(move |_| vec![Step::Write(response(200, "application/json", UPSTREAM_HEADERS, body))]).await;
     let gw = Gateway::start(&config(up.addr, "", ""));
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[]}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text(), body);
     let length = body.len().to_string();
@@ -185,14 +195,26 @@ async fn a_stream_and_an_error_carry_the_same_allow_listed_headers() {
     .await;
     let gw = Gateway::start(&config(up.addr, "", ""));
 
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","stream":true}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post(
+            "/v1/chat/completions",
+            &[],
+            r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        ),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let mut want = vec![("content-type", "text/event-stream")];
     want.extend(FORWARDED_HEADERS);
     want.push(("transfer-encoding", "chunked"));
     assert_eq!(headers_but_date(&resp.head), want);
 
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1"}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.text(), error);
     let length = error.len().to_string();
@@ -222,9 +244,10 @@ async fn a_frame_reaches_the_client_before_the_upstream_finishes() {
     // Whether or not the gateway filters the stream for the usage event, and on one keep-alive
     // connection.
     let mut client = Client::connect(gw.addr).await;
-    for body in
-        [r#"{"model":"m-1","stream":true,"stream_options":{"include_usage":true}}"#, r#"{"model":"m-1","stream":true}"#]
-    {
+    for body in [
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#,
+        r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+    ] {
         client.send(&post("/v1/chat/completions", &[], body)).await;
         let head = client.head().await;
         assert_eq!(head.status, 200);
@@ -248,7 +271,9 @@ async fn a_json_body_stalled_past_the_idle_timeout_is_cut_not_completed() {
     .await;
     let gw = Gateway::start(&config(up.addr, "idle_timeout_secs = 0.3", ""));
     let mut client = Client::connect(gw.addr).await;
-    client.send(&post("/v1/chat/completions", &[], r#"{"model":"m-1"}"#)).await;
+    client
+        .send(&post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#))
+        .await;
     let head = client.head().await;
     assert_eq!(head.status, 200);
     assert_eq!(head.get("content-length"), Some(body.len().to_string().as_str()));
@@ -273,7 +298,11 @@ async fn a_content_length_sent_together_with_chunked_framing_is_not_forwarded() 
     })
     .await;
     let gw = Gateway::start(&config(up.addr, "", ""));
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[]}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_ne!(resp.head.get("content-length"), Some("5"));
     assert_eq!(resp.text(), body);
@@ -289,7 +318,11 @@ async fn an_encoded_success_body_is_a_clear_502_not_an_unobservable_relay() {
     })
     .await;
     let gw = Gateway::start(&config(up.addr, "", ""));
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[]}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
     let e = resp.openai_error(502);
     assert!(e["message"].as_str().unwrap().contains("content-encoding `gzip`"), "{e}");
 }

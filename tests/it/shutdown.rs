@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 const FIRST: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"first\"}}]}\n\n";
 const REST: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"second\"}}]}\n\ndata: [DONE]\n\n";
-const STREAM_REQUEST: &str = r#"{"model":"m-1","stream":true,"stream_options":{"include_usage":true}}"#;
+const STREAM_REQUEST: &str = r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#;
 
 /// Waits (bounded) until a connection to `addr` is refused. The listener closes as soon as the
 /// serve loop sees the shutdown signal, which nothing reports, so this retries: a connect that
@@ -132,7 +132,11 @@ async fn during_the_drain_delay_readiness_is_503_while_new_and_kept_connections_
         }
     })
     .await;
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1"}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
     assert_eq!(resp.status(), 200, "{}", resp.text());
     up.request().await;
     kept.send(&ready).await;

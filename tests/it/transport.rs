@@ -77,7 +77,7 @@ async fn an_https_upstream_signed_by_the_ca_file_is_trusted_and_refused_without_
         Upstream::start_tls(tokio_rustls::TlsAcceptor::from(server), |_| vec![Step::Write(json(r#"{"tls":true}"#))])
             .await;
     let port = up.addr.port();
-    let body = r#"{"model":"m-1","messages":[]}"#;
+    let body = r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#;
 
     let gw = Gateway::start(&https_config(port, Some(&ca_file)));
     let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], body)).await;
@@ -150,7 +150,7 @@ async fn an_http2_upstream_is_spoken_to_with_prior_knowledge() {
     let gw = Gateway::start(&format!(
         "[connections.up]\napi_type = \"openai\"\napi_base = \"http://{addr}/v1\"\napi_key = \"sk-up\"\nhttp2 = true\n\n[routing]\n\"m*\" = \"up.*\"\n"
     ));
-    let body = r#"{"model":"m-1","messages":[]}"#;
+    let body = r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#;
     let resp = exchange(gw.addr, &post("/v1/chat/completions", &[("cookie", "c=1")], body)).await;
     assert_eq!(resp.status(), 200, "{}", resp.text());
     assert_eq!(resp.body, br#"{"h2":true}"#);
@@ -162,7 +162,15 @@ async fn an_http2_upstream_is_spoken_to_with_prior_knowledge() {
     assert!(req.headers.get("cookie").is_none());
 
     // A stream over h2: the usage event the gateway asked for is removed, the rest is intact.
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1","stream":true}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post(
+            "/v1/chat/completions",
+            &[],
+            r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        ),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let req = within("the h2 upstream to see the request", seen.recv()).await.expect("request");
     assert_eq!(req.version, http::Version::HTTP_2);
@@ -218,7 +226,13 @@ async fn a_client_that_disconnects_cancels_its_http2_upstream_stream() {
         "[connections.up]\napi_type = \"openai\"\napi_base = \"http://{addr}/v1\"\napi_key = \"sk-up\"\nhttp2 = true\n\n[routing]\n\"m*\" = \"up.*\"\n"
     ));
     let mut client = Client::connect(gw.addr).await;
-    client.send(&post("/v1/chat/completions", &[], r#"{"model":"m-1","stream":true}"#)).await;
+    client
+        .send(&post(
+            "/v1/chat/completions",
+            &[],
+            r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        ))
+        .await;
     let feed = within("the h2 upstream to get the request", feeds.recv()).await.expect("feed");
     let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"h2\"}}]}\n\n";
     feed.send(Bytes::from_static(first.as_bytes())).await.expect("body open");
@@ -249,8 +263,11 @@ async fn an_h2c_client_is_served_streams_included() {
             .expect("h2 handshake");
     tokio::spawn(conn);
     for (body, want) in [
-        (r#"{"model":"m-1"}"#, r#"{"ok":true}"#),
-        (r#"{"model":"m-1","stream":true,"stream_options":{"include_usage":true}}"#, stream),
+        (r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#, r#"{"ok":true}"#),
+        (
+            r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#,
+            stream,
+        ),
     ] {
         let req = hyper::Request::post(format!("http://{}/v1/chat/completions", gw.addr))
             .header("content-type", "application/json")

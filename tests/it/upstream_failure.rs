@@ -7,7 +7,7 @@ use crate::harness::client::{exchange, post, Client};
 use crate::harness::upstream::{chunk, response, sse_head, Gate, Step, Upstream};
 use crate::harness::{config, dead_port, Gateway};
 
-const STREAM_REQUEST: &str = r#"{"model":"m-1","stream":true,"messages":[]}"#;
+const STREAM_REQUEST: &str = r#"{"model":"m-1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 const FIRST: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"first\"}}]}\n\n";
 
 fn chat(body: &str) -> Vec<u8> {
@@ -31,7 +31,7 @@ fn final_error_event(tail: &[u8]) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_is_a_502_openai_error() {
     let gw = Gateway::start(&config(dead_port(), "connect_timeout_secs = 2", ""));
-    let resp = exchange(gw.addr, &chat(r#"{"model":"m-1"}"#)).await;
+    let resp = exchange(gw.addr, &chat(r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#)).await;
     let e = resp.openai_error(502);
     assert_eq!(e["code"], "upstream_error");
     assert!(!resp.text().contains("sk-up"));
@@ -41,7 +41,7 @@ async fn a_refused_connection_is_a_502_openai_error() {
 async fn an_upstream_that_closes_without_answering_is_a_502() {
     let mut up = Upstream::start(|_| vec![Step::Close]).await;
     let gw = Gateway::start(&config(up.addr, "", ""));
-    let resp = exchange(gw.addr, &chat(r#"{"model":"m-1"}"#)).await;
+    let resp = exchange(gw.addr, &chat(r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#)).await;
     assert_eq!(resp.openai_error(502)["code"], "upstream_error");
     up.request().await;
 }
@@ -126,7 +126,7 @@ async fn an_upstream_401_is_a_502_without_the_upstream_body() {
         })
         .await;
         let gw = Gateway::start(&config(_up.addr, "", ""));
-        let resp = exchange(gw.addr, &chat(r#"{"model":"m-1"}"#)).await;
+        let resp = exchange(gw.addr, &chat(r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#)).await;
         let e = resp.openai_error(502);
         assert_eq!(e["code"], "upstream_error");
         let all = format!("{:?}{}", resp.head, resp.text());
@@ -152,7 +152,7 @@ async fn upstream_429_and_500_bodies_pass_through_with_their_status() {
         })
         .await;
         let gw = Gateway::start(&config(_up.addr, "", ""));
-        for request in [r#"{"model":"m-1"}"#, STREAM_REQUEST] {
+        for request in [r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#, STREAM_REQUEST] {
             let resp = exchange(gw.addr, &chat(request)).await;
             assert_eq!(resp.status(), status);
             assert_eq!(resp.text(), body, "{request}");
@@ -206,7 +206,7 @@ async fn an_https_upstream_that_accepts_tcp_but_never_answers_the_tls_handshake_
         "[connections.up]\napi_type = \"openai\"\napi_base = \"https://{addr}/v1\"\napi_key = \"sk-up\"\n\
          connect_timeout_secs = 1\nheader_timeout_secs = 4\n\n[routing]\n\"m*\" = \"up.*\"\n"
     ));
-    let resp = exchange(gw.addr, &chat(r#"{"model":"m-1"}"#)).await;
+    let resp = exchange(gw.addr, &chat(r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#)).await;
     let e = resp.openai_error(502);
     assert_eq!(e["code"], "upstream_error");
     let message = e["message"].as_str().unwrap_or_default();

@@ -31,7 +31,7 @@ const NK: (&str, &str) = ("authorization", "Bearer nk");
 
 /// Proves nothing reached the upstream so far: the next request it sees is a marked one.
 async fn upstream_saw_nothing_before(up: &mut Upstream, gw: &Gateway) {
-    let marker = r#"{"model":"m-1","user":"marker"}"#;
+    let marker = r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"user":"marker"}"#;
     assert_eq!(exchange(gw.addr, &post("/v1/chat/completions", &[GK], marker)).await.status(), 200);
     assert_eq!(up.request().await.body_text(), marker, "an earlier request reached the upstream");
 }
@@ -40,20 +40,23 @@ async fn upstream_saw_nothing_before(up: &mut Upstream, gw: &Gateway) {
 async fn malformed_requests_get_a_400_and_never_reach_the_upstream() {
     let (mut up, gw) = setup().await;
     let cases: &[(&str, Option<&str>)] = &[
-        (r#"{"model":"m-1","model":"m-2"}"#, Some("model")),
-        (r#"{"model":"m-1","mod\u0065l":"alias"}"#, Some("model")),
+        (r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"model":"m-2"}"#, Some("model")),
+        (r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"mod\u0065l":"alias"}"#, Some("model")),
         (r#"{"mod\u0065l":"mock-1","messages":[],"model":"m-1"}"#, Some("model")),
-        (r#"{"model":"m-1","stream":true,"stream":false}"#, Some("stream")),
-        (r#"{"model":"m-1","#, None),
-        (r#"{"model":"m-1"} trailing"#, None),
+        (r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream":false}"#, Some("stream")),
+        (r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"#, None),
+        (r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]} trailing"#, None),
         (r#"["model","m-1"]"#, None),
         ("", None),
         (r#"{"messages":[{"role":"user","content":"hi","model":"m-1"}]}"#, Some("model")),
-        (r#"{"model":""}"#, Some("model")),
+        (r#"{"model":"","messages":[{"role":"user","content":"hi"}]}"#, Some("model")),
         (r#"{"model":42}"#, Some("model")),
-        (r#"{"model":"m-1","stream":"yes"}"#, Some("stream")),
-        (r#"{"model":"m-1","stream":1}"#, Some("stream")),
-        (r#"{"model":"m-1","stream":true,"stream_options":"yes"}"#, Some("stream_options")),
+        (r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":"yes"}"#, Some("stream")),
+        (r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":1}"#, Some("stream")),
+        (
+            r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":"yes"}"#,
+            Some("stream_options"),
+        ),
     ];
     for (body, param) in cases {
         let resp = exchange(gw.addr, &post("/v1/chat/completions", &[GK], body)).await;
@@ -62,11 +65,46 @@ async fn malformed_requests_get_a_400_and_never_reach_the_upstream() {
         assert_eq!(e["param"].as_str(), *param, "{body}: {e}");
     }
     // Invalid UTF-8 is malformed too.
-    let mut raw = post("/v1/chat/completions", &[GK], r#"{"model":"m-1","x":"??"}"#);
+    let mut raw =
+        post("/v1/chat/completions", &[GK], r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"x":"??"}"#);
     let n = raw.len();
     raw[n - 4..n - 2].copy_from_slice(&[0xff, 0xfe]);
     exchange(gw.addr, &raw).await.openai_error(400);
     upstream_saw_nothing_before(&mut up, &gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_missing_their_endpoints_required_member_get_a_400_naming_it() {
+    let (mut up, gw) = setup().await;
+    let cases: &[(&str, &str, &str)] = &[
+        ("/v1/chat/completions", r#"{"model":"m-1"}"#, "messages"),
+        ("/v1/chat/completions", r#"{"model":"m-1","messages":[]}"#, "messages"),
+        ("/v1/chat/completions", r#"{"model":"m-1","messages":[ ]}"#, "messages"),
+        ("/v1/chat/completions", r#"{"model":"m-1","messages":null}"#, "messages"),
+        ("/v1/chat/completions", r#"{"model":"m-1","messages":"hi"}"#, "messages"),
+        // Nested members of the same name do not count.
+        ("/v1/chat/completions", r#"{"model":"m-1","metadata":{"messages":[1]}}"#, "messages"),
+        ("/v1/completions", r#"{"model":"m-1"}"#, "prompt"),
+        ("/v1/completions", r#"{"model":"m-1","prompt":null}"#, "prompt"),
+        ("/v1/embeddings", r#"{"model":"m-1"}"#, "input"),
+        ("/v1/embeddings", r#"{"model":"m-1","input":""}"#, "input"),
+        ("/v1/embeddings", r#"{"model":"m-1","input":[]}"#, "input"),
+        ("/v1/embeddings", r#"{"model":"m-1","input":null}"#, "input"),
+    ];
+    for (path, body, param) in cases {
+        let e = exchange(gw.addr, &post(path, &[GK], body)).await.openai_error(400);
+        assert_eq!(e["param"].as_str(), Some(*param), "{body}: {e}");
+        assert!(e["message"].as_str().unwrap().contains(param), "{e}");
+    }
+    upstream_saw_nothing_before(&mut up, &gw).await;
+    // Present and usable: forwarded.
+    for (path, body) in [
+        ("/v1/completions", r#"{"model":"m-1","prompt":""}"#),
+        ("/v1/embeddings", r#"{"model":"m-1","input":[1,2,3]}"#),
+        ("/v1/embeddings", r#"{"model":"m-1","input":" "}"#),
+    ] {
+        assert_eq!(exchange(gw.addr, &post(path, &[GK], body)).await.status(), 200, "{body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,7 +114,7 @@ async fn a_body_that_never_finishes_arriving_gets_a_408_and_never_reaches_the_up
     let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer gk\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n";
     let mut client = Client::connect(gw.addr).await;
     client.send(head.as_bytes()).await;
-    client.send(br#"{"model":"m-1","#).await; // then nothing more
+    client.send(br#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"#).await; // then nothing more
     assert_eq!(client.response().await.openai_error(408)["code"], "request_timeout");
     upstream_saw_nothing_before(&mut up, &gw).await;
 }
@@ -133,16 +171,27 @@ async fn a_body_over_max_request_bytes_gets_a_413_with_content_length_or_chunked
     let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer gk\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
     let mut client = Client::connect(gw.addr).await;
     client.send(head.as_bytes()).await;
-    client.send(&chunk(format!("{{\"model\":\"m-1\",\"pad\":\"{}", "x".repeat(LIMIT)).as_bytes())).await;
+    client
+        .send(&chunk(
+            format!(
+                "{{\"model\":\"m-1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"pad\":\"{}",
+                "x".repeat(LIMIT)
+            )
+            .as_bytes(),
+        ))
+        .await;
     assert_eq!(client.response().await.openai_error(413)["code"], "request_too_large");
 
     // As SDKs send it: head and the whole oversized body at once, then read the answer.
-    let big = format!("{{\"model\":\"m-1\",\"pad\":\"{}\"}}", "z".repeat(4 * LIMIT));
+    let big = format!(
+        "{{\"model\":\"m-1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"pad\":\"{}\"}}",
+        "z".repeat(4 * LIMIT)
+    );
     let resp = exchange(gw.addr, &post("/v1/chat/completions", &[GK], &big)).await;
     assert_eq!(resp.openai_error(413)["code"], "request_too_large");
 
     // Exactly the limit is accepted, whichever the framing.
-    let prefix = r#"{"model":"m-1","pad":""#;
+    let prefix = r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}],"pad":""#;
     let body = format!("{prefix}{}\"}}", "y".repeat(LIMIT - prefix.len() - 2));
     assert_eq!(body.len(), LIMIT);
     assert_eq!(exchange(gw.addr, &post("/v1/chat/completions", &[GK], &body)).await.status(), 200);
@@ -160,7 +209,7 @@ async fn a_body_over_max_request_bytes_gets_a_413_with_content_length_or_chunked
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_and_unknown_keys_get_identical_401s() {
     let (mut up, gw) = setup().await;
-    let body = r#"{"model":"m-1"}"#;
+    let body = r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#;
     let attempts: &[&[(&str, &str)]] = &[
         &[],
         &[("authorization", "Bearer wrong")],
@@ -188,7 +237,15 @@ async fn missing_and_unknown_keys_get_identical_401s() {
 async fn a_group_gets_403_for_a_connection_it_may_not_use() {
     let (mut up, gw) = setup().await;
     for model in ["m-1", "alias"] {
-        let resp = exchange(gw.addr, &post("/v1/chat/completions", &[NK], &format!(r#"{{"model":"{model}"}}"#))).await;
+        let resp = exchange(
+            gw.addr,
+            &post(
+                "/v1/chat/completions",
+                &[NK],
+                &format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#),
+            ),
+        )
+        .await;
         assert_eq!(resp.openai_error(403)["code"], "model_not_allowed");
     }
     // The same key may use its own connection.
@@ -204,11 +261,17 @@ async fn a_group_gets_403_for_a_connection_it_may_not_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_models_and_paths_get_404() {
     let (mut up, gw) = setup().await;
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[GK], r#"{"model":"zzz-unrouted"}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post("/v1/chat/completions", &[GK], r#"{"model":"zzz-unrouted","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
     let e = resp.openai_error(404);
     assert_eq!((e["code"].as_str(), e["param"].as_str()), (Some("model_not_found"), Some("model")));
     for path in ["/v1/nothing", "/v2/chat/completions", "/v1/chat/completions/x"] {
-        let resp = exchange(gw.addr, &post(path, &[GK], r#"{"model":"m-1"}"#)).await;
+        let resp =
+            exchange(gw.addr, &post(path, &[GK], r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#))
+                .await;
         assert_eq!(resp.openai_error(404)["code"], "unknown_url", "{path}");
     }
     exchange(gw.addr, &get("/v1/chat/completions", &[GK])).await.openai_error(405);
@@ -245,7 +308,11 @@ async fn a_connection_whose_key_variable_is_missing_answers_503_naming_the_varia
         "[connections.up]\napi_type = \"openai\"\napi_base = \"http://{}/v1\"\napi_key = \"env:LMGATE_IT_UNSET_KEY\"\n\n[routing]\n\"m*\" = \"up.*\"\n",
         up.addr
     ));
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"m-1"}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post("/v1/chat/completions", &[], r#"{"model":"m-1","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
     let e = resp.openai_error(503);
     assert_eq!(e["code"], "connection_unavailable");
     assert!(e["message"].as_str().is_some_and(|m| m.contains("LMGATE_IT_UNSET_KEY")), "{e}");
@@ -279,7 +346,11 @@ async fn models_hide_routes_to_disabled_connections_and_decode_escaped_ids() {
         assert_eq!(e["code"], "model_not_found", "{path}");
     }
     // Hidden from the list, but a request still learns why the model cannot be served.
-    let resp = exchange(gw.addr, &post("/v1/chat/completions", &[], r#"{"model":"off-1"}"#)).await;
+    let resp = exchange(
+        gw.addr,
+        &post("/v1/chat/completions", &[], r#"{"model":"off-1","messages":[{"role":"user","content":"hi"}]}"#),
+    )
+    .await;
     assert_eq!(resp.openai_error(503)["code"], "connection_unavailable");
 }
 
