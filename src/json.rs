@@ -136,6 +136,41 @@ pub fn members(text: &[u8], mut f: impl FnMut(&[u8], Range<usize>) -> bool) -> R
     Ok(())
 }
 
+/// Calls `f(value_range)` for each element of the JSON array that `text` holds (white space
+/// around it allowed), validating the whole text; `f` returns false to stop early.
+pub fn elements(text: &[u8], mut f: impl FnMut(Range<usize>) -> bool) -> Result<(), ScanError> {
+    let mut s = Scanner { b: text, i: 0 };
+    s.ws();
+    s.expect(b'[', "expected a JSON array")?;
+    s.ws();
+    if s.peek() == Some(b']') {
+        s.i += 1;
+    } else {
+        loop {
+            s.ws();
+            let start = s.i;
+            s.value()?;
+            if !f(start..s.i) {
+                return Ok(());
+            }
+            s.ws();
+            match s.peek() {
+                Some(b',') => s.i += 1,
+                Some(b']') => {
+                    s.i += 1;
+                    break;
+                }
+                _ => return Err(s.err("expected `,` or `]` after an array element")),
+            }
+        }
+    }
+    s.ws();
+    if s.i != text.len() {
+        return Err(s.err("unexpected data after the JSON value"));
+    }
+    Ok(())
+}
+
 /// Returns the end of the JSON value starting at `text[start]` (white space before it allowed).
 pub fn value_end(text: &[u8], start: usize) -> Result<usize, ScanError> {
     let mut s = Scanner { b: text, i: start };

@@ -16,15 +16,15 @@ use super::{Api, Call, Plan, Prepared, Provider, Verdict};
 use crate::body::{Body, Mode, Upstream};
 use crate::config::{ConfigError, RawConnection};
 use crate::error::Error;
-use crate::json::{write_str, Usage};
+use crate::json::{self, write_str, Usage};
 use crate::router::Target;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{header, HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use serde_json::Value;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -199,11 +199,11 @@ impl Mock {
             ))
             .param("x-mock-delay-us"));
         }
-        let req: Value = serde_json::from_slice(body).map_err(|e| Error::invalid_request(e.to_string()))?;
-        let model = req.get("model").and_then(Value::as_str).unwrap_or("mock");
+        let req = MockRequest::read(body)?;
+        let model = req.model.as_deref().unwrap_or("mock");
         let prompt = (body.len() as u64 / 4).max(1);
         match api {
-            Api::Embeddings => self.embeddings(&req, model),
+            Api::Embeddings => self.embeddings(&req, body, model),
             _ => {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let reply = Reply {
@@ -214,11 +214,8 @@ impl Mock {
                     chunks,
                     usage: Usage { prompt, completion: chunks as u64 },
                 };
-                let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
-                let response = if stream {
-                    let include_usage =
-                        req.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
-                    sse_response(reply.stream(include_usage), delay)
+                let response = if req.stream {
+                    sse_response(reply.stream(req.include_usage), delay)
                 } else {
                     json_response(StatusCode::OK, vec![Bytes::from(reply.whole())])
                 };
@@ -227,25 +224,25 @@ impl Mock {
         }
     }
 
-    fn embeddings(&self, req: &Value, model: &str) -> Result<Answer, Error> {
-        let dims = match req.get("dimensions") {
-            None | Some(Value::Null) => DEFAULT_DIMENSIONS,
+    fn embeddings(&self, req: &MockRequest, body: &[u8], model: &str) -> Result<Answer, Error> {
+        let dims = match req.dimensions.clone().map(|r| &body[r]) {
+            None | Some(b"null") => DEFAULT_DIMENSIONS,
             Some(v) => {
-                v.as_u64().map(|d| d as usize).filter(|d| (1..=MAX_DIMENSIONS).contains(d)).ok_or_else(|| {
+                json::u64_of(v).map(|d| d as usize).filter(|d| (1..=MAX_DIMENSIONS).contains(d)).ok_or_else(|| {
                     Error::invalid_request(format!("`dimensions` must be an integer from 1 to {MAX_DIMENSIONS}."))
                         .param("dimensions")
                 })?
             }
         };
-        let base64 = match req.get("encoding_format").and_then(Value::as_str) {
-            None | Some("float") => false,
-            Some("base64") => true,
+        let base64 = match req.encoding_format.clone().map(|r| &body[r]) {
+            None | Some(b"null" | b"\"float\"") => false,
+            Some(b"\"base64\"") => true,
             Some(_) => {
                 return Err(Error::invalid_request("`encoding_format` must be \"float\" or \"base64\".")
                     .param("encoding_format"))
             }
         };
-        let inputs = embedding_inputs(req.get("input"))?;
+        let inputs = embedding_inputs(req.input.clone().map(|r| &body[r]))?;
         let prompt: u64 = inputs.iter().map(|s| (s.len() as u64 / 4).max(1)).sum();
         let mut parts = Vec::with_capacity(inputs.len() * 2 + 2);
         let mut head = b"{\"object\":\"list\",\"data\":[".to_vec();
@@ -323,41 +320,128 @@ impl Mock {
     }
 }
 
-/// The inputs of an embeddings request: a string, a list of strings, a token list, or a list of
-/// token lists (at most [`MAX_INPUTS`]). Each becomes the bytes its vector is derived from.
-fn embedding_inputs(input: Option<&Value>) -> Result<Vec<Vec<u8>>, Error> {
+/// What the mock reads of a request, found by the gateway's scanner: top-level members only, no
+/// tree built, so a large body costs one pass and no memory beyond a few ranges.
+struct MockRequest {
+    model: Option<String>,
+    stream: bool,
+    include_usage: bool,
+    dimensions: Option<Range<usize>>,
+    encoding_format: Option<Range<usize>>,
+    input: Option<Range<usize>>,
+}
+
+impl MockRequest {
+    fn read(body: &[u8]) -> Result<Self, Error> {
+        let mut r = MockRequest {
+            model: None,
+            stream: false,
+            include_usage: false,
+            dimensions: None,
+            encoding_format: None,
+            input: None,
+        };
+        let bad_json = |e: json::ScanError| Error::invalid_request(format!("The request body is not valid JSON: {e}."));
+        let mut options = None;
+        json::members(body, |key, value| {
+            match json::unescaped_key::<16>(key).as_ref().map(json::ShortKey::as_slice) {
+                Some(b"model") => r.model = json::string_value(&body[value]),
+                Some(b"stream") => r.stream = &body[value] == b"true",
+                Some(b"stream_options") => options = Some(value),
+                Some(b"dimensions") => r.dimensions = Some(value),
+                Some(b"encoding_format") => r.encoding_format = Some(value),
+                Some(b"input") => r.input = Some(value),
+                _ => {}
+            }
+            true
+        })
+        .map_err(bad_json)?;
+        if let Some(o) = options.map(|o| &body[o]).filter(|o| o.starts_with(b"{")) {
+            json::members(o, |key, value| {
+                if json::unescaped_key::<16>(key).as_ref().map(json::ShortKey::as_slice) == Some(b"include_usage") {
+                    r.include_usage = &o[value] == b"true";
+                }
+                true
+            })
+            .map_err(bad_json)?;
+        }
+        Ok(r)
+    }
+}
+
+/// The inputs of an embeddings request (the `input` value's bytes): a string, a list of strings,
+/// a token list, or a list of token lists (at most [`MAX_INPUTS`]). Each becomes the bytes its
+/// vector is derived from: a string's text, a token list written compactly (`[1,2,3]`).
+fn embedding_inputs(input: Option<&[u8]>) -> Result<Vec<Vec<u8>>, Error> {
     let bad = || {
         Error::invalid_request("`input` must be a non-empty string, array of strings, or array of token arrays.")
             .param("input")
     };
-    if let Some(Value::Array(items)) = input {
-        if items.len() > MAX_INPUTS && !items.iter().all(Value::is_u64) {
-            return Err(Error::invalid_request(format!(
-                "`input` may have at most {MAX_INPUTS} items; this request has {}.",
-                items.len()
-            ))
-            .param("input"));
-        }
-    }
-    let out: Vec<Vec<u8>> = match input {
-        Some(Value::String(s)) => vec![s.as_bytes().to_vec()],
-        Some(Value::Array(items)) if items.iter().all(Value::is_u64) => {
-            vec![Value::Array(items.clone()).to_string().into_bytes()]
-        }
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s.as_bytes().to_vec()),
-                Value::Array(t) if t.iter().all(Value::is_u64) => Ok(v.to_string().into_bytes()),
-                _ => Err(bad()),
-            })
-            .collect::<Result<_, _>>()?,
+    let input = input.ok_or_else(bad)?;
+    let string = |token: &[u8]| json::string_value(token).map(String::into_bytes).ok_or_else(bad);
+    match input.first() {
+        Some(b'"') => return Ok(vec![string(input)?]),
+        Some(b'[') => {}
         _ => return Err(bad()),
-    };
-    if out.is_empty() {
-        return Err(bad());
     }
-    Ok(out)
+    let mut tokens = Vec::new();
+    let mut items = Vec::new();
+    let mut failed = None;
+    json::elements(input, |item| {
+        let item = &input[item];
+        let next = match item.first() {
+            Some(b'0'..=b'9') => token_list(&mut tokens, item),
+            Some(b'"') => string(item).map(|s| items.push(s)),
+            Some(b'[') => {
+                let mut list = Vec::new();
+                let mut ok = true;
+                let scanned = json::elements(item, |t| {
+                    ok = token_list(&mut list, &item[t]).is_ok();
+                    ok
+                });
+                if scanned.is_ok() && ok && !list.is_empty() {
+                    items.push(close_list(list));
+                    Ok(())
+                } else {
+                    Err(bad())
+                }
+            }
+            _ => Err(bad()),
+        };
+        if let Err(e) = next {
+            failed = Some(e);
+        } else if items.len() > MAX_INPUTS {
+            failed =
+                Some(Error::invalid_request(format!("`input` may have at most {MAX_INPUTS} items.")).param("input"));
+        }
+        failed.is_none()
+    })
+    .map_err(|_| bad())?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    match (tokens.is_empty(), items.is_empty()) {
+        (false, true) => Ok(vec![close_list(tokens)]),
+        (true, false) => Ok(items),
+        _ => Err(bad()),
+    }
+}
+
+/// Appends a token (a non-negative integer) to a list being written as `[1,2,3]`.
+fn token_list(list: &mut Vec<u8>, token: &[u8]) -> Result<(), Error> {
+    let n = json::u64_of(token)
+        .ok_or_else(|| Error::invalid_request("`input` token arrays hold non-negative integers.").param("input"))?;
+    list.push(if list.is_empty() { b'[' } else { b',' });
+    list.extend_from_slice(itoa(n).as_bytes());
+    Ok(())
+}
+
+fn close_list(mut list: Vec<u8>) -> Vec<u8> {
+    if list.is_empty() {
+        list.push(b'[');
+    }
+    list.push(b']');
+    list
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -497,6 +581,7 @@ impl Reply<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn reply(api: Api, chunks: usize) -> Reply<'static> {
         Reply { api, model: "m", id: 1, created: 2, chunks, usage: Usage { prompt: 3, completion: chunks as u64 } }
@@ -546,10 +631,53 @@ mod tests {
         assert!(embed(&mock, &serde_json::json!({"input": inputs(2048), "dimensions": 4})).is_ok());
         let e = embed(&mock, &serde_json::json!({"input": inputs(2049), "dimensions": 4})).err().unwrap();
         assert_eq!((e.status.as_u16(), e.param), (400, Some("input")));
-        assert!(e.message.contains("2048") && e.message.contains("2049"), "{}", e.message);
+        assert!(e.message.contains("2048"), "{}", e.message);
         // One long token list is one input, however many tokens it has.
         let tokens: Vec<u64> = (0..5000).collect();
         assert!(embed(&mock, &serde_json::json!({"input": tokens, "dimensions": 4})).is_ok());
+    }
+
+    /// The vectors of an embeddings answer, by index.
+    async fn vectors(a: Answer) -> Vec<Value> {
+        let bytes = a.response.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        v["data"].as_array().unwrap().iter().map(|d| d["embedding"].clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn embedding_inputs_are_read_without_a_tree_and_keep_their_meaning() {
+        let mock = Mock::default();
+        let one = |body: &str| vectors(mock.answer(Api::Embeddings, body.as_bytes(), &HeaderMap::new()).ok().unwrap());
+        // A token list is one input, whatever its spacing; a list of lists is one input each.
+        let flat = one(r#"{"input":[1,2,3],"dimensions":8}"#).await;
+        assert_eq!(flat.len(), 1);
+        assert_eq!(flat, one(r#"{"input":[ 1 , 2,3 ],"dimensions":8}"#).await);
+        let lists = one(r#"{"input":[[1,2,3],[4]],"dimensions":8}"#).await;
+        assert_eq!((lists.len(), &lists[0]), (2, &flat[0]));
+        // Escapes are read: the same text gives the same vector.
+        assert_eq!(
+            one(r#"{"input":"caf\u00e9","dimensions":8}"#).await,
+            one(r#"{"input":"café","dimensions":8}"#).await
+        );
+        assert_eq!(one(r#"{"input":["a","b"],"dimensions":8}"#).await.len(), 2);
+        for bad in [
+            r#"{"input":[1,"a"]}"#,
+            r#"{"input":[-1]}"#,
+            r#"{"input":[1.5]}"#,
+            r#"{"input":[[1],[]]}"#,
+            r#"{"input":[[1,"x"]]}"#,
+            r#"{"input":[]}"#,
+            r#"{"input":{}}"#,
+            r#"{"input":7}"#,
+            r#"{"dimensions":8}"#,
+        ] {
+            let e = mock.answer(Api::Embeddings, bad.as_bytes(), &HeaderMap::new()).err().unwrap();
+            assert_eq!((e.status.as_u16(), e.param), (400, Some("input")), "{bad}");
+        }
+        let e = mock.answer(Api::Embeddings, br#"{"input":"x","encoding_format":"hex"}"#, &HeaderMap::new());
+        assert_eq!(e.err().unwrap().param, Some("encoding_format"));
+        let e = mock.answer(Api::Embeddings, br#"{"input":"x",}"#, &HeaderMap::new()).err().unwrap();
+        assert_eq!(e.status.as_u16(), 400);
     }
 
     #[test]
