@@ -170,6 +170,14 @@ impl Translating {
         let fed = decoder.feed(data, |ev| {
             if failed.is_none() && !translator.done() {
                 failed = translator.event(&ev, out).err();
+                if failed.is_none() && out.len() > MAX_OUT_PER_READ {
+                    failed = Some(Error::upstream_failure(
+                        Kind::UpstreamMalformed,
+                        format!(
+                            "Connection `{connection}`: one read of the stream translated to more than {MAX_OUT_PER_READ} bytes."
+                        ),
+                    ));
+                }
             }
         });
         if let Err(e) = fed {
@@ -228,6 +236,11 @@ pub struct SseState {
 
 /// Largest partial event held back for inspection before it is forwarded as is.
 pub const MAX_HELD_EVENT: usize = 4 << 20;
+/// Most bytes one upstream read may translate to. Translators copy little into each chunk (ids
+/// and model names are capped), so a real stream stays far below; an upstream crafted to
+/// amplify (many tiny events, each expanded) ends with an error instead of growing the buffer
+/// without bound.
+pub const MAX_OUT_PER_READ: usize = 16 << 20;
 const TAIL: usize = 4096;
 
 impl Mode {
@@ -892,6 +905,36 @@ data: [DONE]\n\n";
         fn usage(&self) -> Option<Usage> {
             None
         }
+    }
+
+    /// Writes 1 MiB for every event it gets: an amplifying upstream's worst case.
+    struct Amplifies;
+
+    impl Translate for Amplifies {
+        fn event(&mut self, _: &sse::Event<'_>, out: &mut BytesMut) -> Result<(), Error> {
+            out.extend_from_slice(&[b'x'; 1 << 20]);
+            Ok(())
+        }
+        fn done(&self) -> bool {
+            false
+        }
+        fn usage(&self) -> Option<Usage> {
+            None
+        }
+    }
+
+    #[test]
+    fn one_read_translates_to_at_most_max_out_per_read_bytes() {
+        let read = b"data: {}\n\n".repeat(100);
+        let mut t = Translating::new(Box::new(Amplifies));
+        let mut out = BytesMut::new();
+        let e = t.feed(&read, "c", &mut out).expect_err("100 MiB from one read is refused");
+        assert_eq!(e.kind, Kind::UpstreamMalformed);
+        assert!(out.len() <= MAX_OUT_PER_READ + (1 << 20), "{} bytes", out.len());
+        // Within the cap, nothing is refused.
+        let mut t = Translating::new(Box::new(Amplifies));
+        let mut out = BytesMut::new();
+        assert!(t.feed(&b"data: {}\n\n".repeat(8), "c", &mut out).is_ok());
     }
 
     #[test]
