@@ -91,6 +91,7 @@ struct RawServer {
     header_read_timeout_secs: Option<toml::Spanned<f64>>,
     idle_timeout_secs: Option<toml::Spanned<f64>>,
     send_timeout_secs: Option<toml::Spanned<f64>>,
+    h2_keepalive_secs: Option<toml::Spanned<f64>>,
     max_connections: Option<toml::Spanned<i64>>,
     max_request_head_bytes: Option<toml::Spanned<i64>>,
     max_buffered_request_mb: Option<toml::Spanned<i64>>,
@@ -266,6 +267,9 @@ pub struct Server {
     /// How long a response may wait on a client that takes none of it before the connection is
     /// closed and the upstream cancelled.
     pub send_timeout: Duration,
+    /// h2: a PING after this long without a frame from the client; unanswered for as long again,
+    /// the connection is closed.
+    pub h2_keepalive: Duration,
     /// Connections served at once; further ones wait in the listen backlog.
     pub max_connections: usize,
     /// Largest request head (request line and headers; h2: header list) before 431.
@@ -648,6 +652,7 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
         spanned_secs("server.header_read_timeout_secs", &s.header_read_timeout_secs, 30.0, source)?;
     let idle_timeout = spanned_secs("server.idle_timeout_secs", &s.idle_timeout_secs, 120.0, source)?;
     let send_timeout = spanned_secs("server.send_timeout_secs", &s.send_timeout_secs, 60.0, source)?;
+    let h2_keepalive = spanned_secs("server.h2_keepalive_secs", &s.h2_keepalive_secs, 30.0, source)?;
     let max_connections = count("server.max_connections", &s.max_connections, 10_000, 1, source)?;
     // hyper's HTTP/1 read buffer, which bounds the head, cannot be smaller than 8 KiB.
     let max_request_head_bytes =
@@ -675,6 +680,7 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
         header_read_timeout,
         idle_timeout,
         send_timeout,
+        h2_keepalive,
         max_connections,
         max_request_head_bytes,
         max_buffered_request_bytes,
@@ -946,6 +952,7 @@ mod tests {
             ("header_read_timeout_secs = 0", "server.header_read_timeout_secs (line 3)"),
             ("idle_timeout_secs = -1", "server.idle_timeout_secs (line 3)"),
             ("send_timeout_secs = 0", "server.send_timeout_secs (line 3)"),
+            ("h2_keepalive_secs = 0", "server.h2_keepalive_secs (line 3)"),
             ("max_connections = 0", "server.max_connections (line 3)"),
             ("max_request_head_bytes = 4096", "server.max_request_head_bytes (line 3)"),
             ("max_buffered_request_mb = -5", "server.max_buffered_request_mb (line 3)"),

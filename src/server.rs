@@ -18,7 +18,8 @@
 //!   (the socket's send buffer stays full) is closed: the upstream is cancelled and the request's
 //!   record says `client_stalled`.
 //!
-//! h2 connections also send keep-alive pings and close when one goes unanswered. Request heads
+//! h2 connections are pinged after `h2_keepalive_secs` without a frame from the client and closed
+//! when the answer takes as long again. Request heads
 //! larger than `max_request_head_bytes` get 431 (HTTP/1: hyper's read buffer; h2: the advertised
 //! header list size; more than 100 HTTP/1 headers also get 431).
 //!
@@ -53,10 +54,6 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
 const BACKLOG: i32 = 4096;
-/// h2 keep-alive: a PING after this long without a frame from the client, and the connection is
-/// closed when its answer takes longer than [`H2_PING_TIMEOUT`].
-const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Streams one h2 connection may have open at once (hyper's default, set explicitly).
 const H2_MAX_STREAMS: u32 = 200;
 /// TCP keepalive on accepted sockets: probes after a minute of silence, then every 15 s, so a
@@ -75,6 +72,14 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     TcpListener::from_std(socket.into())
+}
+
+/// Socket options of an accepted connection: no Nagle delay, and TCP keepalive so a peer that
+/// vanished without a FIN or RST is found. Failures are ignored: the connection works without.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new().with_time(TCP_KEEPALIVE_IDLE).with_interval(TCP_KEEPALIVE_INTERVAL);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -98,8 +103,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(H2_PING_INTERVAL)
-        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .keep_alive_interval(server.h2_keepalive)
+        .keep_alive_timeout(server.h2_keepalive)
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_header_list_size(u32::try_from(server.max_request_head_bytes).unwrap_or(u32::MAX));
 
@@ -140,9 +145,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let keepalive = TcpKeepalive::new().with_time(TCP_KEEPALIVE_IDLE).with_interval(TCP_KEEPALIVE_INTERVAL);
-        let _ = SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        tune(&stream);
         let proxy = proxy.clone();
         let builder = builder.clone();
         let mut phase = phase_rx.clone();
@@ -452,5 +455,24 @@ async fn timer_tick() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_get_nodelay_and_tcp_keepalive() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (stream, _) = accepted.unwrap();
+        tune(&stream);
+        let sock = SockRef::from(&stream);
+        assert!(stream.nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.keepalive_time().unwrap(), TCP_KEEPALIVE_IDLE);
+        assert_eq!(sock.keepalive_interval().unwrap(), TCP_KEEPALIVE_INTERVAL);
     }
 }

@@ -108,6 +108,37 @@ async fn an_idle_h2_connection_gets_a_goaway_after_idle_timeout() {
 }
 
 #[tokio::test]
+async fn an_h2_client_that_does_not_answer_pings_is_closed_and_one_that_does_is_kept() {
+    let gw = Gateway::start(&mock("h2_keepalive_secs = 0.3\nidle_timeout_secs = 60\nheader_read_timeout_secs = 60"));
+    // A raw h2 client: the preface, empty SETTINGS, an ACK of the server's; then silence, so
+    // the server's PINGs go unanswered.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+    hello.extend_from_slice(&[0, 0, 0, 4, 1, 0, 0, 0, 0]); // SETTINGS ACK
+    s.write_all(&hello).await.unwrap();
+    let got = closed_by_gateway(&mut s, "the gateway to close an h2 connection that ignores PINGs").await;
+    // Frame type 6 (PING) came first: after the 9-byte frame headers, type is byte 3.
+    let mut at = 0;
+    let mut pinged = false;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        pinged |= got[at + 3] == 6;
+        at += 9 + len;
+    }
+    assert!(pinged, "no PING before the close");
+    assert!(started.elapsed() >= Duration::from_millis(500), "closed after {:?}", started.elapsed());
+
+    // hyper's client answers PINGs: its connection outlives several intervals.
+    let (mut send, conn) = h2(gw.addr).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!conn.is_finished(), "a client answering PINGs was closed");
+    let r = send.send_request(h2_get("/health/live", &[])).await.expect("h2 request");
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
 async fn request_heads_over_max_request_head_bytes_get_431_on_http1_and_h2() {
     let gw = Gateway::start(&mock("max_request_head_bytes = 65536"));
     let big = "x".repeat(100 << 10);
