@@ -237,15 +237,19 @@ impl Error {
     }
 
     /// Whether the same request may be tried again. For an upstream status it depends on the
-    /// status the upstream sent (mapped into `status`): 429 and 5xx say the work was not done.
+    /// status (as mapped into `status`: Anthropic's 529 arrives as 503): 429, 503 and 529 say the
+    /// work was not done; 500, 502 and 504 may follow work done; any other status (501, 505, a
+    /// 4xx) is the same answer every time.
     pub fn retry(&self) -> Retry {
         match self.kind {
             // Nothing was done upstream; another target (with its own key) may well work.
             Kind::UpstreamUnreachable | Kind::UpstreamAuth | Kind::Unavailable => Retry::Safe,
             Kind::UpstreamClosed | Kind::UpstreamTimeout => Retry::Unsure,
-            Kind::UpstreamStatus if self.status == StatusCode::TOO_MANY_REQUESTS || self.status.is_server_error() => {
-                Retry::Safe
-            }
+            Kind::UpstreamStatus => match self.status.as_u16() {
+                429 | 503 | 529 => Retry::Safe,
+                500 | 502 | 504 => Retry::Unsure,
+                _ => Retry::Never,
+            },
             _ => Retry::Never,
         }
     }
@@ -439,6 +443,14 @@ mod tests {
 
     fn body(e: &Error) -> Value {
         serde_json::from_slice(&e.render(Dialect::Openai)).unwrap()
+    }
+
+    #[test]
+    fn exactly_429_500_502_503_504_and_529_are_retried_among_upstream_statuses() {
+        let retried: Vec<u16> = (400..600)
+            .filter(|&s| Error::upstream_status(StatusCode::from_u16(s).unwrap(), "api_error", "x").retryable())
+            .collect();
+        assert_eq!(retried, [429, 500, 502, 503, 504, 529]);
     }
 
     #[test]
