@@ -108,6 +108,39 @@ impl Body {
         Body { inner: Inner::Passthrough(Box::new(p)) }
     }
 
+    /// Waits (at most `within`) for an upstream body's first bytes and keeps them for the first
+    /// frame, so that the response head is only committed once the upstream has started: a
+    /// stream that does not start is a failed attempt, and the next attempt can still answer.
+    /// Bodies that are not forwarded from an upstream have their bytes already.
+    pub async fn first_bytes(&mut self, within: Duration, connection: &str) -> Result<(), Error> {
+        let Inner::Passthrough(p) = &mut self.inner else { return Ok(()) };
+        let first = std::future::poll_fn(|cx| loop {
+            match ready!(p.upstream.poll_frame(cx)) {
+                Some(Ok(frame)) if frame.data_ref().is_some_and(|d| d.is_empty()) => continue,
+                Some(Ok(frame)) if frame.is_data() => return Poll::Ready(Ok(frame)),
+                // Trailers, or the end: no bytes came at all.
+                Some(Ok(_)) | None => return Poll::Ready(Err("the upstream stream ended before its first bytes")),
+                Some(Err(_)) => return Poll::Ready(Err("the upstream connection failed before the first bytes")),
+            }
+        });
+        match tokio::time::timeout(within, first).await {
+            Ok(Ok(frame)) => {
+                p.next = Some(frame);
+                p.last_frame = Instant::now();
+                Ok(())
+            }
+            Ok(Err(why)) => {
+                Err(Error::upstream_failure(Kind::UpstreamClosed, format!("Connection `{connection}`: {why}.")))
+            }
+            Err(_) => Err(Error::upstream_failure(
+                Kind::UpstreamTimeout,
+                format!(
+                    "Connection `{connection}`: the stream sent nothing within {within:?} (first_token_timeout_secs)."
+                ),
+            )),
+        }
+    }
+
     /// Attaches the request record, written when the body is dropped.
     pub fn with_record(self, record: Record) -> Recorded {
         Recorded { body: self, record }

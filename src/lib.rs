@@ -13,9 +13,12 @@
 //! - [`budget`]: the request-body bytes held across all requests (`max_buffered_request_mb`).
 //! - [`auth`]: virtual keys (hashed, constant-time) → the caller: group and a stable key id.
 //! - [`json`]: the non-allocating request scanner and splice points; usage extraction.
-//! - [`router`]: model patterns → a route: its targets (connection + upstream model), in order.
-//! - [`attempt`]: the attempt loop over a route's targets: the next target after a failure that
-//!   another attempt may fix, never after the first byte went to the client.
+//! - [`router`]: model patterns → a route: one target (connection + upstream model), or a pool
+//!   with its policy (strategy, retries, cooldown, fallbacks).
+//! - [`attempt`]: the attempt loop: one attempt for a plain route; for a pool, attempts across
+//!   its targets (retries, backoff, Retry-After, cooldowns) and then its fallbacks, never after
+//!   the first byte went to the client.
+//! - [`pool`]: per-target health (lock-free atomics) and the choice of a target by strategy.
 //! - [`provider`]: one enum variant and one file per `api_type`, each answering the same three
 //!   questions: **prepare** (the upstream request for an attempt: URI, credential, body),
 //!   **classify** (the response head → success, or a failure whose kind says if a retry may
@@ -36,8 +39,7 @@
 //! - [`bench`]: `lmgate bench`, the load generator and latency meter (closed/open loop,
 //!   HDR percentiles, `--compare` against a direct upstream).
 //!
-//! Where the planned work plugs in: retries, fallbacks and pools → [`attempt`] (policy) and
-//! [`router`] (targets); limits → one step between routing and the attempt loop, keyed by
+//! Where the planned work plugs in: limits → one step between routing and the attempt loop, keyed by
 //! [`auth::KeyId`] and names, state outside the snapshot; metrics → the record's drop, labelled
 //! by [`error::Kind`] and [`error::Side`]; a new provider → one file under [`provider`] and a
 //! variant; embeddings fan-out → several `prepare`/`send` per call inside one attempt;
@@ -61,6 +63,7 @@ pub mod config;
 pub mod error;
 pub mod json;
 pub mod origin;
+pub mod pool;
 pub mod provider;
 pub mod proxy;
 pub mod record;

@@ -7,10 +7,12 @@
 //! models                                 -> answered from routing, filtered by the group
 //! bounded body read (max_request_bytes)  -> 413 (after reading the rest, bounded); body_timeout_secs -> 408
 //! json::scan_request: model, stream      -> 400 (malformed, missing, duplicated)
-//! router.route(model)                    -> 404; a route: its targets in order
-//! attempt loop, per target:              -> disabled connection 503; group may not 403
+//! router.route(model)                    -> 404; a route: one target, or a pool
+//! attempt::run (pool: pick, retry, cool down, fall back; see attempt.rs), per attempt:
+//!   group may not / disabled / provider refuses -> target skipped (403 / 503 / 400 if all are)
 //!   provider.prepare -> transport.send (header_timeout: 504; connect: 502)
 //!   -> provider.classify -> provider.respond (passthrough, translation, the mock's body)
+//!   -> streams with first_token_timeout_secs: the first body bytes
 //! ```
 //!
 //! Every response carries the request's [`Record`], written once when its body is dropped.
@@ -185,6 +187,9 @@ impl Proxy {
                 response
             }
         };
+        if record.attempts > 1 {
+            response.headers_mut().insert("x-lmgate-attempts", HeaderValue::from(record.attempts));
+        }
         if let Some(o) = browser.filter(|_| !preflight) {
             origin::allow(&mut response, o);
         }
@@ -254,38 +259,45 @@ impl Proxy {
         required_member(api, &fields, &body)?;
 
         let route = cfg.router.route(&model).ok_or_else(|| Error::model_not_found(&model))?;
-        let call = Call { api, body: &body, fields: &fields, model: &model, stream, headers };
+        let call = Call { api, body: &body, fields: &fields, model: &model, fallback: false, stream, headers };
         let group = &cfg.groups[caller.group];
-        let run = attempt::run(&route.targets, |target| Self::attempt(snap, group, &call, target)).await;
-        record.connection = route.targets.get(run.target).map(|t| t.connection);
+        let run = attempt::run(&cfg.router, route, &model, |target, name| {
+            Self::attempt(snap, group, Call { model: name, fallback: name != call.model, ..call }, target)
+        })
+        .await;
+        record.target = run.target;
+        record.connection = run.target.map(|(r, t)| cfg.router.routes()[r].targets[t].connection);
         record.attempts = run.attempts;
-        record.retried = run.failed.iter().map(|e| e.kind).collect();
+        record.retried = run.failed;
+        record.lease = run.lease;
         let (response, usage) = run.result?;
         record.usage = usage.or(record.usage);
         Ok(response)
     }
 
-    /// One attempt at `target`: may the caller use it, then prepare → send → classify → respond.
+    /// One attempt at `target`: may the caller use it (else skipped), then prepare (a request
+    /// the provider refuses outright skips the target) → send → classify → respond, and for a
+    /// stream on a connection with `first_token_timeout_secs`, its first bytes.
     async fn attempt(
         snap: &Snapshot,
         group: &Group,
-        call: &Call<'_>,
+        call: Call<'_>,
         target: &Target,
     ) -> Outcome<(Response<Body>, Option<Usage>)> {
         let Some((conn, transport)) = snap.connection(target.connection) else {
-            return Outcome::failed(Error::unavailable("The route names an unknown connection."));
+            return Outcome::Skip(Error::unavailable("The route names an unknown connection."));
         };
         if let Some(why) = &conn.disabled {
-            return Outcome::failed(Error::unavailable(format!("Connection `{}` is disabled: {why}.", conn.name)));
+            return Outcome::Skip(Error::unavailable(format!("Connection `{}` is disabled: {why}.", conn.name)));
         }
         if !group.allows(target.connection, call.model) {
             let message = format!("Your key (group `{}`) may not use model `{}`.", group.name, call.model);
-            return Outcome::failed(Error::forbidden(message));
+            return Outcome::Skip(Error::forbidden(message));
         }
         let provider = &conn.provider;
-        let prepared = match provider.prepare(conn, call, target) {
+        let prepared = match provider.prepare(conn, &call, target) {
             Ok(p) => p,
-            Err(e) => return Outcome::failed(e),
+            Err(e) => return Outcome::Skip(e),
         };
         let plan = prepared.plan;
         let head = match transport.send(conn, prepared.request, plan.deadline).await {
@@ -294,7 +306,14 @@ impl Proxy {
         };
         match provider.classify(conn, head, &plan).await {
             Verdict::Success(head) => match provider.respond(conn, head, &plan).await {
-                Ok(answer) => Outcome::Success(answer),
+                Ok(mut answer) => {
+                    if let (true, Some(within)) = (plan.stream, conn.timeouts.first_token) {
+                        if let Err(e) = answer.0.body_mut().first_bytes(within, &conn.name).await {
+                            return Outcome::failed(e);
+                        }
+                    }
+                    Outcome::Success(answer)
+                }
                 Err(e) => Outcome::failed(e),
             },
             Verdict::Failure { error, relay: Some(head) } => {

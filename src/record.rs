@@ -43,6 +43,11 @@ pub struct Record {
     pub key: Option<KeyId>,
     /// Connection id of the last attempt.
     pub connection: Option<usize>,
+    /// Route id and target index of the last attempt (the target that answered, if one did).
+    pub target: Option<(usize, usize)>,
+    /// The answering pooled target's lease: the request counts as in flight there until this
+    /// record is written.
+    pub lease: Option<crate::pool::Lease>,
     /// Upstream attempts made.
     pub attempts: u32,
     /// The kinds of the failed attempts before the last one, oldest first.
@@ -69,6 +74,8 @@ impl Record {
             model: None,
             key: None,
             connection: None,
+            target: None,
+            lease: None,
             attempts: 0,
             retried: Vec::new(),
             status: 0,
@@ -82,6 +89,8 @@ impl Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let connection = self.connection.and_then(|c| self.config.connections.get(c)).map(|c| c.name.as_str());
+        let target = self.target.and_then(|(r, t)| self.config.router.routes().get(r)?.targets.get(t));
+        let target = target.map(|t| crate::error::clip(&t.label));
         let (prompt, completion) = self.usage.map_or((None, None), |u| (Some(u.prompt), Some(u.completion)));
         let ms = self.started.elapsed().as_secs_f64() * 1e3;
         let outcome = match self.outcome {
@@ -114,6 +123,7 @@ impl Drop for Record {
                     outcome,
                     attempts = self.attempts,
                     retried = retried.as_deref(),
+                    target,
                     key,
                     error = message,
                     error_kind = kind,
@@ -152,7 +162,8 @@ mod tests {
     #[test]
     fn the_request_line_has_method_path_model_key_id_connection_status_tokens_and_error_kind_but_no_query_or_key() {
         let config = Config::parse(
-            "[connections.up]\napi_type = \"openai\"\napi_base = \"http://127.0.0.1:9/v1\"\napi_key = \"sk-conn-secret\"\n",
+            "[connections.up]\napi_type = \"openai\"\napi_base = \"http://127.0.0.1:9/v1\"\napi_key = \"sk-conn-secret\"\n\
+             [routing]\n\"gpt-4o\" = [\"up.gpt-4o-2024\"]\n",
             &|_: &str| -> Option<String> { None },
         )
         .unwrap();
@@ -160,10 +171,14 @@ mod tests {
         let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
         tracing::subscriber::with_default(subscriber, || {
+            // Another test thread may have cached the log callsite's interest as "never"
+            // while only the (absent) global subscriber existed; recompute it with ours.
+            tracing::callsite::rebuild_interest_cache();
             let uri: http::Uri = "/v1/chat/completions?api-key=sk-query-secret".parse().unwrap();
             let mut record = Record::new(Arc::new(config), http::Method::POST, uri, "chat");
             record.model = Some("gpt-4o".into());
             record.connection = Some(0);
+            record.target = Some((0, 0));
             record.status = 200;
             record.usage = Some(Usage { prompt: 11, completion: 7 });
             record.outcome = Outcome::Complete;
@@ -187,6 +202,7 @@ mod tests {
             "key=ab000102030405ff",
             "attempts=2",
             "retried=\"upstream_unreachable\"",
+            "target=\"up.gpt-4o-2024\"",
             "error=\"closed early\"",
             "error_kind=\"upstream_closed\"",
             "error_side=\"upstream\"",
@@ -206,6 +222,9 @@ mod tests {
         let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
         let long = "é".repeat(20_000);
         tracing::subscriber::with_default(subscriber, || {
+            // Another test thread may have cached the log callsite's interest as "never"
+            // while only the (absent) global subscriber existed; recompute it with ours.
+            tracing::callsite::rebuild_interest_cache();
             let uri: http::Uri = format!("/v1/{}", "p".repeat(20_000)).parse().unwrap();
             let mut record = Record::new(Arc::new(config), http::Method::POST, uri, "chat");
             record.model = Some(long.clone());

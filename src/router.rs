@@ -1,15 +1,17 @@
 //! Model routing: requested model name → a [`Route`]: the targets (connection and upstream
-//! model) the attempt loop may use, in order.
+//! model) the attempt loop may use, and, for a pool, how it uses them ([`Pool`]).
 //!
-//! `[routing]` maps patterns to `"connection.model"` or `"connection.*"`. An exact name (no `*`)
-//! beats every pattern; patterns are tried in file order and the first match decides, with no
-//! fall-through: if its connection is disabled the answer is 503, if the caller may not use it,
-//! 403. `*` matches any run of characters (including none), anywhere in the pattern. A route
-//! holds a list of targets (one per routing value today), so pools and fallbacks only add the
-//! choice among them.
+//! `[routing]` maps patterns to targets (`"connection.model"` or `"connection.*"`): one (a
+//! plain route, today's behaviour), or a pool (a list or a table; see config.toml). An exact
+//! name (no `*`) beats every pattern; patterns are tried in file order and the first match
+//! decides, with no fall-through to a later pattern (a pool's `fallbacks` name other routes
+//! explicitly). `*` matches any run of characters (including none), anywhere in the pattern.
 
+use crate::pool::{Cooldown, Health, Pickable, Strategy};
 use bytes::Bytes;
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// A routing key: an exact model name or a `*` wildcard pattern.
 #[derive(Debug, Clone)]
@@ -63,6 +65,13 @@ pub struct Target {
     pub connection: usize,
     /// The upstream model: `None` passes the requested name through (`connection.*`).
     pub model: Option<UpstreamModel>,
+    /// The target as written (`conn.model`, `conn.*`): its name in logs and for its health.
+    pub label: Box<str>,
+    /// Share of a `weighted` pool's traffic (relative to the others).
+    pub weight: u32,
+    /// Health shared by every route naming this target, kept across reloads. Plain routes
+    /// never touch it.
+    pub health: Arc<Health>,
 }
 
 /// A renamed upstream model, with its JSON string token pre-rendered for splicing.
@@ -75,34 +84,82 @@ pub struct UpstreamModel {
 }
 
 impl Target {
-    /// A target from the part after `connection.` in a routing value.
-    pub fn new(connection: usize, model: &str) -> Self {
+    /// A target on connection `connection` (named `conn_name`) from the part after `conn_name.`
+    /// in a routing value; weight 1, fresh health.
+    pub fn new(connection: usize, conn_name: &str, model: &str) -> Self {
+        let label = format!("{conn_name}.{model}").into();
         let model = (model != "*").then(|| {
             let mut json = Vec::with_capacity(model.len() + 2);
             crate::json::write_str(&mut json, model);
             UpstreamModel { name: model.to_owned(), json: json.into() }
         });
-        Target { connection, model }
+        Target { connection, model, label, weight: 1, health: Arc::default() }
     }
 
     /// The model to send upstream for a requested name.
     pub fn upstream_model<'a>(&'a self, requested: &'a str) -> &'a str {
         self.model.as_ref().map_or(requested, |m| m.name.as_str())
     }
+}
 
-    /// `*` or the renamed model, for summaries.
-    pub fn model_label(&self) -> &str {
-        self.model.as_ref().map_or("*", |m| m.name.as_str())
+impl Pickable for Target {
+    fn health(&self) -> &Health {
+        &self.health
+    }
+
+    fn weight(&self) -> u32 {
+        self.weight
     }
 }
 
 /// What a model name routes to.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Its index in the router (file order).
+    pub id: usize,
     /// The routing key that matched.
     pub pattern: Pattern,
-    /// Where requests may go, in order; never empty.
+    /// Where requests may go, in order; never empty (at most [`crate::pool::MAX_TARGETS`]).
     pub targets: Vec<Target>,
+    /// How a pool uses its targets; `None` for a plain route (one target, one attempt, no
+    /// health kept: exactly the hop it always was).
+    pub pool: Option<Box<Pool>>,
+}
+
+/// A pool's policy: how it chooses, retries, cools down and falls back.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    /// How a target is chosen.
+    pub strategy: Strategy,
+    /// Attempts and waits.
+    pub retries: Retries,
+    /// When failing targets are taken out.
+    pub cooldown: Cooldown,
+    /// The `fallbacks` as written.
+    pub fallbacks: Vec<String>,
+    /// The routes tried after this one, in order: its fallbacks, each followed by its own
+    /// fallbacks (depth first, each route once), with the name each is asked for.
+    pub chain: Vec<(usize, Arc<str>)>,
+}
+
+/// `[retries]`, or a route's own values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retries {
+    /// Attempts per request across the pool (1: never retry).
+    pub attempts: u32,
+    /// The first backoff before retrying a target already tried; doubles per retry.
+    pub backoff: Duration,
+    /// The cap on one backoff.
+    pub max_backoff: Duration,
+    /// The longest upstream `Retry-After` (or cooldown) the gateway waits out for a request.
+    pub retry_after_max: Duration,
+}
+
+impl Route {
+    /// A plain route to one target.
+    pub fn plain(pattern: &str, target: Target) -> Self {
+        Route { id: 0, pattern: Pattern::new(pattern), targets: vec![target], pool: None }
+    }
 }
 
 /// The compiled routing table.
@@ -114,11 +171,12 @@ pub struct Router {
 }
 
 impl Router {
-    /// Builds a router from routes in file order.
-    pub fn new(routes: Vec<Route>) -> Self {
+    /// Builds a router from routes in file order (their ids are set to their positions).
+    pub fn new(mut routes: Vec<Route>) -> Self {
         let mut exact = HashMap::new();
         let mut wildcards = Vec::new();
-        for (i, r) in routes.iter().enumerate() {
+        for (i, r) in routes.iter_mut().enumerate() {
+            r.id = i;
             if r.pattern.is_wildcard() {
                 wildcards.push(i);
             } else {
@@ -142,6 +200,27 @@ impl Router {
         &self.routes
     }
 
+    /// Sets each pool's flattened fallback chain (`chains[route id]`).
+    pub fn set_chains(&mut self, chains: Vec<Vec<(usize, Arc<str>)>>) {
+        for (route, chain) in self.routes.iter_mut().zip(chains) {
+            if let Some(pool) = &mut route.pool {
+                pool.chain = chain;
+            }
+        }
+    }
+
+    /// Takes over the health of `previous`'s targets that have the same label, so a reload
+    /// keeps cooldowns, failure counts and latency for every target it keeps.
+    pub fn adopt_health(&mut self, previous: &Router) {
+        let old: HashMap<&str, &Arc<Health>> =
+            previous.routes.iter().flat_map(|r| &r.targets).map(|t| (&*t.label, &t.health)).collect();
+        for t in self.routes.iter_mut().flat_map(|r| &mut r.targets) {
+            if let Some(h) = old.get(&*t.label) {
+                t.health = Arc::clone(h);
+            }
+        }
+    }
+
     /// Number of routes.
     pub fn len(&self) -> usize {
         self.routes.len()
@@ -158,12 +237,7 @@ mod tests {
     use super::*;
 
     fn router(pairs: &[(&str, usize, &str)]) -> Router {
-        Router::new(
-            pairs
-                .iter()
-                .map(|(p, c, m)| Route { pattern: Pattern::new(p), targets: vec![Target::new(*c, m)] })
-                .collect(),
-        )
+        Router::new(pairs.iter().map(|(p, c, m)| Route::plain(p, Target::new(*c, "c", m))).collect())
     }
 
     fn first(r: &Router, model: &str) -> Option<(String, usize, String)> {
@@ -211,7 +285,7 @@ mod tests {
 
     #[test]
     fn renamed_model_token_is_escaped_json() {
-        let t = Target::new(0, "a\"b");
+        let t = Target::new(0, "c", "a\"b");
         assert_eq!(&t.model.unwrap().json[..], b"\"a\\\"b\"");
     }
 }

@@ -25,8 +25,12 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the transports for `config`, reusing those of `previous` for connections of the
-    /// same name that reach their upstream the same way.
-    pub fn new(config: Config, mock: &Arc<Mock>, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
+    /// same name that reach their upstream the same way; pooled targets keep the health
+    /// (cooldowns, failures, latency) of `previous`'s targets of the same name.
+    pub fn new(mut config: Config, mock: &Arc<Mock>, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
+        if let Some(p) = previous {
+            config.router.adopt_health(&p.config.router);
+        }
         let transports = config
             .connections
             .iter()

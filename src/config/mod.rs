@@ -11,10 +11,12 @@
 //! (requests routed there get 503 naming the variable); a missing variable in a group's
 //! `api_keys` is an error, so a typo can never leave the gateway open.
 
+mod routing;
+
 use crate::auth::Keys;
 pub use crate::provider::ApiType;
 use crate::provider::Provider;
-use crate::router::{Pattern, Route, Router, Target};
+use crate::router::{Pattern, Router};
 use http::header::{HeaderName, HeaderValue};
 use http::Uri;
 use indexmap::IndexMap;
@@ -61,9 +63,14 @@ pub struct RawConfig {
     server: RawServer,
     #[serde(default)]
     connections: IndexMap<String, RawConnection>,
-    /// Model pattern → `"connection.model"`; file order is kept (first match wins).
+    /// Model pattern → a target, a list of targets or a pool table; file order is kept (first
+    /// match wins). Read by hand ([`routing`]) for errors with the route, key and line.
     #[serde(default)]
-    routing: IndexMap<String, String>,
+    routing: IndexMap<String, toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    retries: routing::RawRetries,
+    #[serde(default)]
+    cooldown: routing::RawCooldown,
     #[serde(default)]
     groups: IndexMap<String, RawGroup>,
     /// The file's text, to give line numbers to errors found after parsing.
@@ -130,6 +137,7 @@ pub struct RawConnection {
     connect_timeout_secs: Option<f64>,
     header_timeout_secs: Option<f64>,
     idle_timeout_secs: Option<f64>,
+    first_token_timeout_secs: Option<toml::Spanned<f64>>,
     /// OpenAI-compatible: ask streams for usage.
     pub stream_usage: Option<bool>,
     #[serde(default)]
@@ -287,6 +295,9 @@ pub struct Timeouts {
     pub header: Duration,
     /// Between two body frames once the head has arrived.
     pub idle: Duration,
+    /// Streams: from the attempt's start until the first body bytes; the response head is
+    /// held back until then, so a stream that does not start fails over. `None`: not held.
+    pub first_token: Option<Duration>,
 }
 
 /// One upstream connection.
@@ -361,29 +372,10 @@ impl Config {
 
         let mut connections = Vec::with_capacity(raw.connections.len());
         for (name, c) in &raw.connections {
-            connections.push(compile_connection(name, c, env, &mut warnings)?);
+            connections.push(compile_connection(name, c, env, raw.source.as_deref(), &mut warnings)?);
         }
         let find = |name: &str| connections.iter().position(|c| c.name == name);
-
-        let mut routes = Vec::with_capacity(raw.routing.len());
-        for (pattern, value) in &raw.routing {
-            let Some((conn, model)) = value.split_once('.') else {
-                return err(format!(
-                    "routing.\"{pattern}\": `{value}` must be \"connection.model\" or \"connection.*\""
-                ));
-            };
-            let Some(id) = find(conn) else {
-                return err(format!(
-                    "routing.\"{pattern}\": no connection named `{conn}` (known: {})",
-                    names(&raw.connections)
-                ));
-            };
-            if model.is_empty() {
-                return err(format!("routing.\"{pattern}\": the model after `{conn}.` is empty"));
-            }
-            routes.push(Route { pattern: Pattern::new(pattern), targets: vec![Target::new(id, model)] });
-        }
-        let router = Router::new(routes);
+        let router = routing::compile(&raw.routing, &raw.retries, &raw.cooldown, &connections, raw.source.as_deref())?;
 
         let mut groups = Vec::with_capacity(raw.groups.len() + 1);
         let mut keys = Keys::default();
@@ -489,12 +481,35 @@ impl Config {
         }
         let _ = writeln!(s, "routes ({}):", self.router.len());
         for route in self.router.routes() {
+            let Some(pool) = &route.pool else {
+                let _ = writeln!(s, "  {} -> {}", route.pattern.as_str(), route.targets[0].label);
+                continue;
+            };
+            let weighted = pool.strategy == crate::pool::Strategy::Weighted;
             let targets: Vec<String> = route
                 .targets
                 .iter()
-                .map(|t| format!("{}.{}", self.connections[t.connection].name, t.model_label()))
+                .map(|t| if weighted { format!("{} (weight {})", t.label, t.weight) } else { t.label.to_string() })
                 .collect();
-            let _ = writeln!(s, "  {} -> {}", route.pattern.as_str(), targets.join(", "));
+            let r = &pool.retries;
+            let _ = write!(
+                s,
+                "  {} -> pool [{}], {}, attempts {}, backoff {}..{} ms, waits Retry-After up to {:?}, \
+                 cooldown after {} failure(s) for {:?}",
+                route.pattern.as_str(),
+                targets.join(", "),
+                pool.strategy.name(),
+                r.attempts,
+                r.backoff.as_millis(),
+                r.max_backoff.as_millis(),
+                r.retry_after_max,
+                pool.cooldown.failures,
+                pool.cooldown.period,
+            );
+            if !pool.fallbacks.is_empty() {
+                let _ = write!(s, ", fallbacks: {}", pool.fallbacks.join(", "));
+            }
+            s.push('\n');
         }
         let _ = writeln!(s, "groups ({}):", self.groups.len());
         for (id, g) in self.groups.iter().enumerate() {
@@ -757,6 +772,7 @@ fn compile_connection(
     name: &str,
     c: &RawConnection,
     env: Env,
+    source: Option<&str>,
     warnings: &mut Vec<String>,
 ) -> Result<Connection, ConfigError> {
     if name.is_empty() || name.contains('.') {
@@ -767,6 +783,10 @@ fn compile_connection(
         connect: secs(&key("connect_timeout_secs"), c.connect_timeout_secs, 10.0, false)?,
         header: secs(&key("header_timeout_secs"), c.header_timeout_secs, 600.0, false)?,
         idle: secs(&key("idle_timeout_secs"), c.idle_timeout_secs, 300.0, false)?,
+        first_token: match &c.first_token_timeout_secs {
+            None => None,
+            v => Some(spanned_secs(&key("first_token_timeout_secs"), v, 0.0, source)?),
+        },
     };
     if let Some((k, owner)) = c.provider_keys().find(|(_, owner)| *owner != c.api_type) {
         return err(format!("{}: `{k}` is for {} connections, not {}", key(k), owner.name(), c.api_type.name()));
@@ -863,7 +883,7 @@ mod tests {
 
     #[test]
     fn shipped_config_parses_without_any_key() {
-        let text = include_str!("../config.toml");
+        let text = include_str!("../../config.toml");
         let cfg = parse(text, &[]).unwrap();
         assert!(cfg.open_group.is_some());
         assert_eq!(cfg.server.drain_delay, Duration::ZERO, "the default keeps today's shutdown");

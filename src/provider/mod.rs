@@ -85,6 +85,7 @@ pub enum Provider {
 }
 
 /// The client's request as the flow parsed it; shared by every attempt.
+#[derive(Clone, Copy)]
 pub struct Call<'a> {
     /// The endpoint.
     pub api: Api,
@@ -92,8 +93,11 @@ pub struct Call<'a> {
     pub body: &'a Bytes,
     /// Where `model`, `stream` and `stream_options` are in it.
     pub fields: &'a RequestFields,
-    /// The model as requested.
+    /// The model as requested (a fallback's name, when a fallback route is tried).
     pub model: &'a str,
+    /// `model` is a fallback's name, not the one in the body: a `conn.*` target must be sent
+    /// this name.
+    pub fallback: bool,
     /// Whether the client asked for a stream.
     pub stream: bool,
     /// The client's headers (forwarded only through allow-lists).
@@ -335,12 +339,18 @@ pub async fn read_body(conn: &Connection, body: Upstream, limit: usize, deadline
 }
 
 /// The delay an upstream asked for before a retry: `retry-after-ms` (OpenAI's, milliseconds),
-/// else `retry-after` in seconds (RFC 9110 §10.2.3; the HTTP-date form is not used by LLM
-/// providers and is ignored).
+/// else `retry-after` as seconds or as an HTTP date (RFC 9110 §10.2.3; a date in the past is
+/// no delay).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    let number = |name: &str| text(name)?.parse::<f64>().ok();
     let ms = number("retry-after-ms").map(|ms| ms / 1e3);
-    ms.or_else(|| number("retry-after")).filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e7).map(Duration::from_secs_f64)
+    let secs = ms.or_else(|| number("retry-after"));
+    let secs = secs.or_else(|| {
+        let at = httpdate::parse_http_date(text("retry-after")?).ok()?;
+        Some(at.duration_since(std::time::SystemTime::now()).map_or(0.0, |d| d.as_secs_f64()))
+    });
+    secs.filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e7).map(Duration::from_secs_f64)
 }
 
 /// Whether a response head says its body is SSE.
@@ -422,9 +432,16 @@ mod tests {
         );
         assert_eq!(retry_after(&headers(&[("retry-after", " 2 ")])), Some(Duration::from_secs(2)));
         assert_eq!(retry_after(&headers(&[("retry-after", "0.25")])), Some(Duration::from_millis(250)));
-        for bad in ["Wed, 21 Oct 2015 07:28:00 GMT", "-1", "NaN", "1e12", ""] {
+        for bad in ["Wed, 21 Oct 2015 07:28", "-1", "NaN", "1e12", ""] {
             assert_eq!(retry_after(&headers(&[("retry-after", bad)])), None, "{bad}");
         }
+        // An HTTP date: the time left until it; one in the past is no wait.
+        let at = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_str(&at).unwrap());
+        let left = retry_after(&h).expect("a date");
+        assert!(left > Duration::from_secs(28) && left <= Duration::from_secs(30), "{left:?}");
+        assert_eq!(retry_after(&headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")])), Some(Duration::ZERO));
         assert_eq!(retry_after(&headers(&[])), None);
     }
 }

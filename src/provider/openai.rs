@@ -118,7 +118,8 @@ impl Settings {
     }
 }
 
-/// The client's body as slices of its own buffer with the model (when routing renames it) and,
+/// The client's body as slices of its own buffer with the model (when routing renames it, or a
+/// fallback route is asked for by its name) and,
 /// when `ask_usage`, `include_usage` spliced in; and whether the gateway asked for usage on the
 /// client's behalf (so the usage-only event must be removed from the stream).
 pub fn splice(call: &Call<'_>, target: &Target, ask_usage: bool) -> Result<(Vec<Bytes>, bool), Error> {
@@ -126,6 +127,11 @@ pub fn splice(call: &Call<'_>, target: &Target, ask_usage: bool) -> Result<(Vec<
     let mut edits: Vec<(Range<usize>, Bytes)> = Vec::with_capacity(2);
     if let (Some(m), Some(range)) = (&target.model, &call.fields.model) {
         edits.push((range.clone(), m.json.clone()));
+    } else if let (true, Some(range)) = (call.fallback, &call.fields.model) {
+        // A fallback route asked for by its own name.
+        let mut name = Vec::with_capacity(call.model.len() + 2);
+        crate::json::write_str(&mut name, call.model);
+        edits.push((range.clone(), name.into()));
     }
     let mut strip_usage = false;
     if ask_usage && call.api.streams() {

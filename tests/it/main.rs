@@ -8,6 +8,7 @@ mod sse;
 mod connections;
 mod harness;
 mod origin;
+mod pools;
 mod request_bytes;
 mod response_bytes;
 mod shutdown;
