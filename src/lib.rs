@@ -3,11 +3,13 @@
 //! # Architecture (read this first)
 //!
 //! The parts, in request order, and what each owns:
-//! - [`server`]: listener (socket2 options, `max_connections`), HTTP/1.1 + h2c connections, the
-//!   per-connection deadlines (head, idle, send), graceful shutdown.
+//! - [`server`]: listener (socket2 options, `max_connections`), TLS ([`tls`]: rustls, ALPN),
+//!   HTTP/1.1 + h2 connections, the per-connection deadlines (head, idle, send), graceful
+//!   shutdown.
 //! - [`snapshot`]: one configuration and the upstream transports built for it, swapped whole
-//!   ([`proxy::Proxy::reload`]); each request loads it once. State that must survive a reload
-//!   (the mock's cache; later limits, spend, cooldowns, metrics) lives outside it, by name.
+//!   ([`proxy::Proxy::reload`], driven by [`reload`]: SIGHUP, `--watch`); each request loads it
+//!   once. State that must survive a reload (the mock's cache, pooled targets' health; later
+//!   limits, spend, metrics) is kept by name.
 //! - [`proxy`]: `Proxy::handle` and `Proxy::forward`, the whole request flow top to bottom:
 //!   authenticate → read the body → scan → route → the attempt loop → respond.
 //! - [`budget`]: the request-body bytes held across all requests (`max_buffered_request_mb`).
@@ -43,7 +45,7 @@
 //! [`auth::KeyId`] and names, state outside the snapshot; metrics → the record's drop, labelled
 //! by [`error::Kind`] and [`error::Side`]; a new provider → one file under [`provider`] and a
 //! variant; embeddings fan-out → several `prepare`/`send` per call inside one attempt;
-//! hot reload → [`proxy::Proxy::reload`] from a signal; an Anthropic-shaped front door → an
+//! an Anthropic-shaped front door → an
 //! endpoint with its own [`error::Dialect`].
 //!
 //! Guarantees: the client never chooses where we connect (upstreams come from config only); the
@@ -67,7 +69,9 @@ pub mod pool;
 pub mod provider;
 pub mod proxy;
 pub mod record;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod sse;
+pub mod tls;

@@ -3,10 +3,10 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use lmgate::config::Config;
 use lmgate::proxy::Proxy;
-use std::collections::HashMap;
+use lmgate::reload::{self, Source};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -31,6 +31,9 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
         log_format: LogFormat,
+        /// Reload when the config or `.env` file changes (checked every second), as on SIGHUP.
+        #[arg(long)]
+        watch: bool,
     },
     /// Validate a configuration and print a summary (never secret values).
     Check {
@@ -73,65 +76,13 @@ fn init_logging(format: LogFormat, default: &str) {
     }
 }
 
-/// The process environment, then the `.env` file (which never overrides the environment).
-///
-/// `env_file` is `--env`: `None` reads `./.env` when it exists; a path given explicitly must exist
-/// (a typo there would otherwise start the gateway with connections silently disabled); `""`
-/// reads no file.
-fn env_lookup(env_file: Option<&str>) -> Result<impl Fn(&str) -> Option<String>, String> {
-    let mut dotenv = HashMap::new();
-    let (path, optional) = match env_file {
-        None => (".env", true),
-        Some(path) => (path, false),
-    };
-    if !path.is_empty() {
-        match dotenvy::from_path_iter(Path::new(path)) {
-            Ok(iter) => {
-                for item in iter {
-                    let (k, v) = item.map_err(|e| env_file_error(path, &e))?;
-                    dotenv.insert(k, v);
-                }
-            }
-            Err(e) if e.not_found() && optional => {}
-            Err(e) => return Err(format!("{path}: {e}")),
-        }
-    }
-    Ok(move |k: &str| std::env::var(k).ok().or_else(|| dotenv.get(k).cloned()))
-}
-
-/// A `.env` error that never quotes the file: dotenvy's parse error repeats the offending line,
-/// which is usually `NAME=secret`. Only the variable name is kept.
-fn env_file_error(path: &str, e: &dotenvy::Error) -> String {
-    match e {
-        dotenvy::Error::LineParse(line, _) => {
-            let line = line.trim_start();
-            let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
-            let name = line.split('=').next().unwrap_or("").trim();
-            if !name.is_empty()
-                && name.len() < line.len()
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
-                format!("{path}: cannot parse the entry for `{name}` (its value is not shown)")
-            } else {
-                format!("{path}: cannot parse a line (its text is not shown: it may hold a secret)")
-            }
-        }
-        other => format!("{path}: {other}"),
-    }
-}
-
-fn load(config: &Path, env_file: Option<&str>) -> Result<Config, String> {
-    let text = std::fs::read_to_string(config).map_err(|e| format!("{}: {e}", config.display()))?;
-    let env = env_lookup(env_file)?;
-    Config::parse(&text, &env).map_err(|e| format!("{}: {e}", config.display()))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mut source = None;
     let (config, log_format, quiet) = match cli.command {
         Command::Bench(args) => return lmgate::bench::run(*args),
         Command::Check { config, env } => {
-            return match load(&config, env.as_deref()) {
+            return match (Source { config: config.clone(), env }).load() {
                 Ok(cfg) => {
                     print!("{}", cfg.summary());
                     println!("{}: OK", config.display());
@@ -143,7 +94,12 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Serve { config, env, log_format } => (load(&config, env.as_deref()), log_format, false),
+        Command::Serve { config, env, log_format, watch } => {
+            let s = Source { config, env };
+            let loaded = s.load();
+            source = Some((s, watch));
+            (loaded, log_format, false)
+        }
         Command::Mock { listen, log_format } => {
             let text = format!(
                 "[server]\nlisten = \"{listen}\"\nshutdown_grace_secs = 1\nallowed_hosts = [\"*\"]\nopen = true\n\
@@ -188,6 +144,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // SIGHUP reloads (and no longer ends the process) from here on.
+        if let Some((source, watch)) = source {
+            reload::spawn(proxy.clone(), source, watch);
+        }
         let local = listener.local_addr().map_or(addr, |a| a);
         // One line on stdout, so scripts and tests can find the port when listening on :0.
         println!("listening on {local}");

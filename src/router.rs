@@ -284,6 +284,23 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_the_health_of_targets_with_the_same_name_only() {
+        let cfg = |routing: &str| {
+            crate::config::Config::parse(
+                &format!("[connections.a]\napi_type = \"mock\"\n[routing]\n{routing}"),
+                &|_: &str| None,
+            )
+            .unwrap()
+        };
+        let old = cfg("\"p\" = [\"a.x\", \"a.y\"]\n");
+        let mut new = cfg("\"q\" = [\"a.y\", \"a.z\"]\n");
+        new.router.adopt_health(&old.router);
+        let (old_t, new_t) = (&old.router.routes()[0].targets, &new.router.routes()[0].targets);
+        assert!(Arc::ptr_eq(&new_t[0].health, &old_t[1].health), "a.y keeps its health, whatever the route");
+        assert!(!Arc::ptr_eq(&new_t[1].health, &old_t[0].health) && !Arc::ptr_eq(&new_t[1].health, &old_t[1].health));
+    }
+
+    #[test]
     fn renamed_model_token_is_escaped_json() {
         let t = Target::new(0, "c", "a\"b");
         assert_eq!(&t.model.unwrap().json[..], b"\"a\\\"b\"");

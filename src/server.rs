@@ -1,5 +1,5 @@
-//! The listener: socket options, HTTP/1.1 + h2c per connection, connection deadlines, graceful
-//! shutdown.
+//! The listener: socket options, TLS (when `tls_cert`/`tls_key` are set: h2 or http/1.1 by
+//! ALPN), HTTP/1.1 + h2 per connection, connection deadlines, graceful shutdown.
 //!
 //! Accepted sockets get TCP_NODELAY and TCP keepalive; the listener a large backlog and
 //! SO_REUSEADDR. At most `max_connections` are served at once: past it the loop stops accepting
@@ -11,8 +11,8 @@
 //! own HTTP/1 header timer is off: it also runs while a keep-alive connection idles, and the h2
 //! detection step and h2 have none):
 //! - the first request head must arrive within `header_read_timeout_secs` of the accept (a client
-//!   that sends nothing, or half an h2 preface, is closed); on HTTP/1 every later head within that
-//!   long of its first byte;
+//!   that sends nothing, or half an h2 preface, is closed; a TLS handshake must be over within
+//!   that long too); on HTTP/1 every later head within that long of its first byte;
 //! - a connection with no request in flight closes after `idle_timeout_secs` (h2: a GOAWAY);
 //! - a connection whose client has taken nothing for `send_timeout_secs` while a response waits
 //!   (the socket's send buffer stays full) is closed: the upstream is cancelled and the request's
@@ -93,7 +93,6 @@ enum Phase {
 /// drains for the configured grace period and returns.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let server = proxy.config().server.clone();
-    let (grace, drain_delay) = (server.shutdown_grace, server.drain_delay);
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     // Every connection task holds a sender; recv() returns None once all have ended.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
@@ -115,6 +114,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             shutdown.await;
             // Readiness fails first, while everything else still works.
             proxy.drain();
+            // As configured now (a reload may have changed it since the start).
+            let drain_delay = proxy.config().server.drain_delay;
             if !drain_delay.is_zero() {
                 tracing::info!(
                     drain_delay_secs = drain_delay.as_secs_f64(),
@@ -150,10 +151,25 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let builder = builder.clone();
         let mut phase = phase_rx.clone();
         let alive = alive_tx.clone();
-        let limits = Limits::of(&proxy.config().server);
+        let config = proxy.config();
+        let limits = Limits::of(&config.server);
+        let tls = config.server.tls.as_ref().map(|t| tokio_rustls::TlsAcceptor::from(t.config.clone()));
+        drop(config);
         tokio::spawn(async move {
             let watch = Arc::new(Watch::new());
-            let io = Watched { io: stream, watch: watch.clone() };
+            let io = match tls {
+                None => Io::Plain(stream),
+                // The handshake counts against the first head's deadline.
+                Some(acceptor) => match tokio::time::timeout(limits.header_read, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => Io::Tls(Box::new(tls)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return drop((alive, slot));
+                    }
+                    Err(_) => return drop((alive, slot)),
+                },
+            };
+            let io = Watched { io, watch: watch.clone() };
             let conn_watch = watch.clone();
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let proxy = proxy.clone();
@@ -205,6 +221,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
 
     // Readiness already answers 503: `stop_accepting` drained the proxy before it resolved.
     drop(listener);
+    let grace = proxy.config().server.shutdown_grace;
     tick.abort();
     let _ = phase_tx.send(Phase::Draining);
     drop(alive_tx);
@@ -383,9 +400,57 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// The accepted socket, noting for its [`Watch`] when a head starts and when writes block.
+/// An accepted connection: plain TCP, or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Calls `$method` on whichever stream `$io` holds.
+macro_rules! either {
+    ($io:expr, $s:ident => $call:expr) => {
+        match $io {
+            Io::Plain($s) => $call,
+            Io::Tls($s) => $call,
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        either!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        either!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        either!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        either!(self, s => s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        either!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        either!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// The accepted connection, noting for its [`Watch`] when a head starts and when writes block.
 struct Watched {
-    io: TcpStream,
+    io: Io,
     watch: Arc<Watch>,
 }
 

@@ -102,6 +102,8 @@ struct RawServer {
     max_connections: Option<toml::Spanned<i64>>,
     max_request_head_bytes: Option<toml::Spanned<i64>>,
     max_buffered_request_mb: Option<toml::Spanned<i64>>,
+    tls_cert: Option<toml::Spanned<String>>,
+    tls_key: Option<toml::Spanned<String>>,
 }
 
 /// How `/v1/models` shows wildcard routing patterns.
@@ -228,7 +230,7 @@ impl NameList {
 pub struct Config {
     /// Listener and request limits.
     pub server: Server,
-    /// Upstream connections; a [`Target`] refers to one by index.
+    /// Upstream connections; a [`crate::router::Target`] refers to one by index.
     pub connections: Vec<Connection>,
     /// Model name → connection and upstream model.
     pub router: Router,
@@ -284,6 +286,8 @@ pub struct Server {
     pub max_request_head_bytes: usize,
     /// Request body bytes buffered across all requests in flight.
     pub max_buffered_request_bytes: usize,
+    /// TLS on the listener (`tls_cert` and `tls_key`); `None`: plain TCP.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// Per-connection timeouts.
@@ -591,7 +595,7 @@ fn reject_python_keys(raw: &RawConfig) -> Result<(), ConfigError> {
         (
             &raw.dev_autoreload,
             "dev_autoreload",
-            "remove it; restart lmgate to load a changed config (`lmgate check` validates one first)",
+            "remove it; run `lmgate serve --watch` to reload a changed config, or send the process SIGHUP",
         ),
     ];
     for (value, key, hint) in hints {
@@ -682,7 +686,26 @@ fn compile_server(raw: &RawConfig) -> Result<Server, ConfigError> {
              max_request_bytes"
         ));
     }
+    let tls = match (&s.tls_cert, &s.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let keys = crate::tls::Keys {
+                cert: &format!("server.tls_cert{}", line_of(source, cert.span())),
+                key: &format!("server.tls_key{}", line_of(source, key.span())),
+            };
+            let (cert, key) = (PathBuf::from(cert.get_ref()), PathBuf::from(key.get_ref()));
+            Some(crate::tls::Tls::load(&cert, &key, keys).map_err(ConfigError)?)
+        }
+        (Some(one), None) | (None, Some(one)) => {
+            let (set, missing) = if s.tls_cert.is_some() { ("tls_cert", "tls_key") } else { ("tls_key", "tls_cert") };
+            return err(format!(
+                "server.{set}{}: TLS needs both server.tls_cert and server.tls_key; server.{missing} is missing",
+                line_of(source, one.span())
+            ));
+        }
+    };
     Ok(Server {
+        tls,
         listen,
         max_request_bytes,
         shutdown_grace,
@@ -1098,6 +1121,22 @@ mod tests {
             let e = parse(&format!("[server]\nallowed_hosts = [\"{bad}\"]\n"), &[]).unwrap_err();
             assert!(e.0.starts_with("server.allowed_hosts[0] (line 2): "), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_bad_files_name_the_key_and_line() {
+        let e = parse("[server]\ntls_key = \"/nonexistent/key.pem\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("server.tls_key (line 2): TLS needs both") && e.0.contains("tls_cert is missing"), "{e}");
+        let both = "[server]\ntls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n";
+        let e = parse(both, &[]).unwrap_err();
+        assert!(e.0.contains("server.tls_cert (line 2): `/nonexistent/cert.pem`: cannot read it"), "{e}");
+        let junk = std::env::temp_dir().join(format!("lmgate-junk-{}.pem", std::process::id()));
+        std::fs::write(&junk, "not a certificate\nsecret-looking-text\n").unwrap();
+        let j = junk.display();
+        let e = parse(&format!("[server]\ntls_cert = '{j}'\ntls_key = '{j}'\n"), &[]).unwrap_err();
+        assert!(e.0.contains("server.tls_cert (line 2)") && e.0.contains("holds no PEM certificate"), "{e}");
+        assert!(!e.0.contains("secret-looking-text"), "{e}");
+        let _ = std::fs::remove_file(&junk);
     }
 
     #[test]

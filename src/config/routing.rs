@@ -378,7 +378,9 @@ mod tests {
         // The same target in two routes shares one health.
         assert!(std::sync::Arc::ptr_eq(&routes[1].targets[0].health, &routes[2].targets[0].health));
         let summary = cfg.summary();
-        assert!(summary.contains("table -> pool [a.x (weight 3), b.y]") || summary.contains("least_busy"), "{summary}");
+        assert!(summary.contains("table -> pool [a.x, b.y], least_busy, attempts 2, backoff 10..100 ms"), "{summary}");
+        assert!(summary.contains("list -> pool [a.x (weight 1), b.* (weight 1)], weighted, attempts 5"), "{summary}");
+        assert!(summary.contains("cooldown after 3 failure(s) for 9s"), "{summary}");
         assert!(summary.contains("fallbacks: one") && summary.contains("one -> a.x"), "{summary}");
     }
 

@@ -38,11 +38,15 @@ impl Gateway {
     pub fn start(toml: &str) -> Gateway {
         let cfg = Config::parse(toml, &|_: &str| -> Option<String> { None })
             .unwrap_or_else(|e| panic!("config: {e}\n{toml}"));
-        let proxy = Proxy::new(cfg).unwrap_or_else(|e| panic!("proxy: {e}"));
+        Gateway::serve(Arc::new(Proxy::new(cfg).unwrap_or_else(|e| panic!("proxy: {e}"))))
+    }
+
+    /// Binds 127.0.0.1:0 and serves `proxy` (which the test keeps, to reload it).
+    pub fn serve(proxy: Arc<Proxy>) -> Gateway {
         let listener = lmgate::server::bind("127.0.0.1:0".parse().expect("address")).expect("bind the gateway");
         let addr = listener.local_addr().expect("gateway address");
         let (tx, rx) = oneshot::channel::<()>();
-        let served = tokio::spawn(lmgate::server::serve(listener, Arc::new(proxy), async {
+        let served = tokio::spawn(lmgate::server::serve(listener, proxy, async {
             rx.await.ok();
         }));
         Gateway { addr, shutdown: Some(tx), served: Some(served) }

@@ -1,0 +1,212 @@
+//! Where the configuration comes from, and reloading it while serving.
+//!
+//! A [`Source`] is the config file and the `.env` file. `SIGHUP`, and with `lmgate serve --watch`
+//! a change to either file, reloads both: the new configuration is compiled and validated
+//! completely first; if anything is wrong, the gateway keeps serving the one it has and logs why.
+//! Otherwise the new snapshot replaces the old one in one atomic store
+//! ([`crate::proxy::Proxy::reload`]): requests in flight finish on the configuration they started
+//! with, every new request (on new and existing connections alike) uses the new one, no
+//! connection is dropped, unchanged connections keep their upstream pools, and pooled targets
+//! keep their health by name. A removed client key stops working at once.
+//!
+//! A few `[server]` keys shape the listener itself and only take effect on a restart (`listen`,
+//! `max_connections`, `max_request_head_bytes`, `h2_keepalive_secs`, and TLS on or off): they are
+//! kept as they were, with a warning naming them. Renewed TLS files are taken.
+
+use crate::config::Config;
+use crate::proxy::Proxy;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// How often `--watch` looks at the files.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// The configuration's files.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The config file.
+    pub config: PathBuf,
+    /// `--env`: `None` reads `./.env` when it exists; a path given must exist; `""` reads none.
+    pub env: Option<String>,
+}
+
+impl Source {
+    /// Reads and validates the configuration. Errors start with the file's name.
+    pub fn load(&self) -> Result<Config, String> {
+        let text = std::fs::read_to_string(&self.config).map_err(|e| format!("{}: {e}", self.config.display()))?;
+        let env = env_lookup(self.env.as_deref())?;
+        Config::parse(&text, &env).map_err(|e| format!("{}: {e}", self.config.display()))
+    }
+
+    /// The files a `--watch` looks at.
+    fn files(&self) -> Vec<PathBuf> {
+        let env = match self.env.as_deref() {
+            None => Some(PathBuf::from(".env")),
+            Some("") => None,
+            Some(p) => Some(PathBuf::from(p)),
+        };
+        std::iter::once(self.config.clone()).chain(env).collect()
+    }
+}
+
+/// Reloads `proxy` from `source`. On success, returns the restart-only keys whose new values
+/// were not applied; on failure nothing changed.
+pub fn reload(proxy: &Proxy, source: &Source) -> Result<Vec<&'static str>, String> {
+    let mut next = source.load()?;
+    let now = proxy.config();
+    let (old, new) = (&now.server, &mut next.server);
+    let mut kept = Vec::new();
+    let mut keep = |name: &'static str, differs: bool| {
+        if differs {
+            kept.push(name);
+        }
+    };
+    keep("listen", old.listen != new.listen);
+    keep("max_connections", old.max_connections != new.max_connections);
+    keep("max_request_head_bytes", old.max_request_head_bytes != new.max_request_head_bytes);
+    keep("h2_keepalive_secs", old.h2_keepalive != new.h2_keepalive);
+    keep("tls_cert/tls_key (TLS on or off)", old.tls.is_some() != new.tls.is_some());
+    new.listen = old.listen;
+    new.max_connections = old.max_connections;
+    new.max_request_head_bytes = old.max_request_head_bytes;
+    new.h2_keepalive = old.h2_keepalive;
+    // TLS cannot be turned on or off, but renewed files are taken.
+    if old.tls.is_some() != new.tls.is_some() {
+        new.tls = old.tls.clone();
+    }
+    proxy.reload(next).map_err(|e| format!("{}: {e}", source.config.display()))?;
+    Ok(kept)
+}
+
+/// Reloads on `SIGHUP` and, with `watch`, when a file of `source` changes. The signal handler
+/// is in place when this returns (a SIGHUP no longer ends the process); the loop runs on a task.
+/// Call within the runtime.
+pub fn spawn(proxy: Arc<Proxy>, source: Source, watch: bool) -> tokio::task::JoinHandle<()> {
+    #[cfg(unix)]
+    let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: reload on signal is off");
+            None
+        }
+    };
+    #[cfg(not(unix))]
+    let hangup: Option<()> = None;
+    tokio::spawn(run(proxy, source, watch, hangup))
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+async fn run(proxy: Arc<Proxy>, source: Source, watch: bool, mut hangup: Hangup) {
+    let files = source.files();
+    let mut seen = stamps(&files);
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let why = tokio::select! {
+            Some(()) = signal(&mut hangup) => "SIGHUP",
+            _ = tick.tick(), if watch => {
+                let now = stamps(&files);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "a file changed"
+            }
+        };
+        match reload(&proxy, &source) {
+            Ok(kept) => {
+                let cfg = proxy.config();
+                tracing::info!(
+                    trigger = why,
+                    connections = cfg.connections.len(),
+                    routes = cfg.router.len(),
+                    groups = cfg.groups.len(),
+                    "configuration reloaded"
+                );
+                if !kept.is_empty() {
+                    tracing::warn!(
+                        keys = kept.join(", "),
+                        "these [server] keys only change on a restart: kept as they were"
+                    );
+                }
+                for w in &cfg.warnings {
+                    tracing::warn!("{w}");
+                }
+            }
+            Err(e) => {
+                tracing::error!(trigger = why, error = %e, "configuration reload failed: still serving the previous one")
+            }
+        }
+    }
+}
+
+/// The next SIGHUP; never, without a handler.
+async fn signal(hangup: &mut Hangup) -> Option<()> {
+    #[cfg(unix)]
+    if let Some(h) = hangup.as_mut() {
+        return h.recv().await;
+    }
+    let _ = hangup;
+    std::future::pending().await
+}
+
+/// Modification time and length of each file (`None` when absent), to notice a change.
+fn stamps(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len())))
+        .collect()
+}
+
+/// The process environment, then the `.env` file (which never overrides the environment).
+///
+/// `env_file` is `--env`: `None` reads `./.env` when it exists; a path given explicitly must exist
+/// (a typo there would otherwise start the gateway with connections silently disabled); `""`
+/// reads no file.
+fn env_lookup(env_file: Option<&str>) -> Result<impl Fn(&str) -> Option<String>, String> {
+    let mut dotenv = HashMap::new();
+    let (path, optional) = match env_file {
+        None => (".env", true),
+        Some(path) => (path, false),
+    };
+    if !path.is_empty() {
+        match dotenvy::from_path_iter(Path::new(path)) {
+            Ok(iter) => {
+                for item in iter {
+                    let (k, v) = item.map_err(|e| env_file_error(path, &e))?;
+                    dotenv.insert(k, v);
+                }
+            }
+            Err(e) if e.not_found() && optional => {}
+            Err(e) => return Err(format!("{path}: {e}")),
+        }
+    }
+    Ok(move |k: &str| std::env::var(k).ok().or_else(|| dotenv.get(k).cloned()))
+}
+
+/// A `.env` error that never quotes the file: dotenvy's parse error repeats the offending line,
+/// which is usually `NAME=secret`. Only the variable name is kept.
+fn env_file_error(path: &str, e: &dotenvy::Error) -> String {
+    match e {
+        dotenvy::Error::LineParse(line, _) => {
+            let line = line.trim_start();
+            let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+            let name = line.split('=').next().unwrap_or("").trim();
+            if !name.is_empty()
+                && name.len() < line.len()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                format!("{path}: cannot parse the entry for `{name}` (its value is not shown)")
+            } else {
+                format!("{path}: cannot parse a line (its text is not shown: it may hold a secret)")
+            }
+        }
+        other => format!("{path}: {other}"),
+    }
+}
