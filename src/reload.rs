@@ -190,23 +190,47 @@ fn env_lookup(env_file: Option<&str>) -> Result<impl Fn(&str) -> Option<String>,
     Ok(move |k: &str| std::env::var(k).ok().or_else(|| dotenv.get(k).cloned()))
 }
 
-/// A `.env` error that never quotes the file: dotenvy's parse error repeats the offending line,
-/// which is usually `NAME=secret`. Only the variable name is kept.
+/// A `.env` error that never quotes the file: dotenvy's parse error repeats the offending text,
+/// which is usually a secret. The message gives the line number and, when the line starts
+/// with one, the variable's name.
 fn env_file_error(path: &str, e: &dotenvy::Error) -> String {
-    match e {
-        dotenvy::Error::LineParse(line, _) => {
-            let line = line.trim_start();
-            let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
-            let name = line.split('=').next().unwrap_or("").trim();
-            if !name.is_empty()
-                && name.len() < line.len()
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
-                format!("{path}: cannot parse the entry for `{name}` (its value is not shown)")
-            } else {
-                format!("{path}: cannot parse a line (its text is not shown: it may hold a secret)")
-            }
+    let dotenvy::Error::LineParse(text, _) = e else { return format!("{path}: {e}") };
+    let wanted = text.lines().next().unwrap_or("").trim();
+    let file = std::fs::read_to_string(path).unwrap_or_default();
+    let found = file.lines().enumerate().find(|(_, l)| !wanted.is_empty() && l.contains(wanted));
+    let Some((i, line)) = found else {
+        return format!("{path}: a line cannot be parsed (its text is not shown: it may hold a secret)");
+    };
+    let line = line.trim_start();
+    let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+    let name = line.split('=').next().unwrap_or("").trim();
+    if !name.is_empty() && name.len() < line.len() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        format!("{path}: line {}: cannot parse the entry for `{name}` (its value is not shown)", i + 1)
+    } else {
+        format!("{path}: line {} cannot be parsed (its text is not shown: it may hold a secret)", i + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_env_line_is_named_by_number_and_variable_never_quoted() {
+        let dir = std::env::temp_dir();
+        let cases = [
+            ("A=1\nSECRET_KEY=abc def-hunter2\nB=2\n", "line 2: cannot parse the entry for `SECRET_KEY`"),
+            ("A=1\n\nthis is junk hunter2\n", "line 3 cannot be parsed"),
+            ("A=1\nX=\"unterminated hunter2\nY=2\n", "line 2: cannot parse the entry for `X`"),
+        ];
+        for (i, (text, want)) in cases.into_iter().enumerate() {
+            let path = dir.join(format!("lmgate-env-{}-{i}.env", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            let p = path.to_str().unwrap();
+            let e = env_lookup(Some(p)).err().expect("a parse error");
+            let _ = std::fs::remove_file(&path);
+            assert!(e.contains(want), "{e}");
+            assert!(!e.contains("hunter2") && !e.contains("abc"), "{e}");
         }
-        other => format!("{path}: {other}"),
     }
 }

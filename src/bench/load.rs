@@ -9,7 +9,12 @@
 //! - open loop ([`Shape::Open`]): requests scheduled at fixed intervals, latency measured from the
 //!   *intended* send time, so a stall that delays later sends shows up in their latency instead of
 //!   being hidden (coordinated omission). In-flight requests are capped; a scheduled request that
-//!   finds the cap full is not sent and is counted as missed.
+//!   finds the cap full is not sent and is counted as missed. The schedule is kept by a thread of
+//!   its own (tokio's timer has millisecond granularity, which would count up to a millisecond
+//!   of the generator's own lateness as latency): it sleeps until just before each send is
+//!   due and spins the rest, then hands the send to the runtime. How late
+//!   each send actually left is recorded ([`Report::lateness`]) so a run shows whether the
+//!   generator kept up.
 //!
 //! Per request: latency to the last body byte, status, bytes; for streams the time to the first
 //! body byte, the time to first token (the first SSE event whose JSON has a non-empty `choices[0].delta.content`: comments and
@@ -239,6 +244,8 @@ pub fn has_content(data: &[u8]) -> bool {
 /// The outcome of one request.
 #[derive(Debug, Default)]
 struct Sample {
+    /// Open loop: how late the send left against its intended time.
+    lateness: Option<Duration>,
     latency: Duration,
     ttfb: Option<Duration>,
     ttft: Option<Duration>,
@@ -250,6 +257,9 @@ struct Sample {
 impl Report {
     fn add(&mut self, s: &Sample) {
         self.bytes += s.bytes;
+        if let Some(l) = s.lateness {
+            record(&mut self.lateness, l);
+        }
         match s.status {
             None => self.transport_errors += 1,
             Some(st) if (200..300).contains(&st) => {
@@ -270,9 +280,12 @@ impl Report {
     }
 }
 
-/// Sends one request and measures it from `start` (the intended send time in open loop).
-async fn measure(client: &HttpClient, t: &Template, start: Instant, timeout: Duration) -> Sample {
-    let mut s = Sample::default();
+/// Sends one request and measures it from `intended` (open loop: when the schedule wanted it
+/// sent) or from now.
+async fn measure(client: &HttpClient, t: &Template, intended: Option<Instant>, timeout: Duration) -> Sample {
+    let now = Instant::now();
+    let start = intended.unwrap_or(now);
+    let mut s = Sample { lateness: intended.map(|i| now.saturating_duration_since(i)), ..Sample::default() };
     let run = async {
         let resp = match client.request(t.request()).await {
             Ok(r) => r,
@@ -410,7 +423,7 @@ async fn closed(
                 let now = Instant::now();
                 if now < measure_start {
                     // Warm-up: sent, not recorded. Bounded by the warm-up period.
-                    measure(&client, &t, now, timeout.min(measure_start - now)).await;
+                    measure(&client, &t, None, timeout.min(measure_start - now)).await;
                     continue;
                 }
                 if now >= deadline {
@@ -422,7 +435,7 @@ async fn closed(
                 // A request started before the deadline runs to its end (bounded by the timeout):
                 // cutting it at the deadline would drop the slowest requests from the histogram
                 // and count them as errors.
-                let s = measure(&client, &t, now, timeout).await;
+                let s = measure(&client, &t, None, timeout).await;
                 report.add(&s);
                 progress.done.fetch_add(1, Ordering::Relaxed);
             }
@@ -451,43 +464,78 @@ async fn open(
 ) -> Report {
     let shared = Arc::new(Mutex::new(Report::new("")));
     let permits = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
-    let mut tasks = tokio::task::JoinSet::new();
-    let begin = Instant::now();
-    let mut measured: u64 = 0;
-    for i in 0u64.. {
-        // The i-th send is due at i / rate: computed from i, not accumulated, so rounding never
-        // drifts the schedule. `--rate` is capped (see `MAX_RATE`) so this stays finite.
-        let intended = begin + Duration::from_secs_f64(i as f64 / rate);
-        let warm = intended < measure_start;
-        if !warm && (intended >= deadline || load.requests.is_some_and(|n| measured >= n)) {
-            break;
-        }
-        tokio::time::sleep_until(intended).await;
-        if !warm {
-            measured += 1;
-        }
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            if !warm {
-                lock(&shared).missed += 1;
+    let runtime = tokio::runtime::Handle::current();
+    let (client, t, requests, timeout) = (client.clone(), t.clone(), load.requests, load.timeout);
+    let (shared_s, progress) = (shared.clone(), progress.clone());
+    let (measure_start, deadline) = (measure_start.into_std(), deadline.into_std());
+    // The schedule runs on a blocking-pool thread: sleeps there never stall the runtime.
+    let scheduler = tokio::task::spawn_blocking(move || {
+        let mut tasks = tokio::task::JoinSet::new();
+        let begin = std::time::Instant::now();
+        let mut measured: u64 = 0;
+        for i in 0u64.. {
+            // The i-th send is due at i / rate: computed from i, not accumulated, so rounding
+            // never drifts the schedule. `--rate` is capped (see `MAX_RATE`) so this stays finite.
+            let intended = begin + Duration::from_secs_f64(i as f64 / rate);
+            let warm = intended < measure_start;
+            if !warm && (intended >= deadline || requests.is_some_and(|n| measured >= n)) {
+                break;
             }
-            continue;
-        };
-        let (client, t, shared, progress, timeout) =
-            (client.clone(), t.clone(), shared.clone(), progress.clone(), load.timeout);
-        tasks.spawn(async move {
-            let s = measure(&client, &t, intended, timeout).await;
+            // Handed over early: waking a parked runtime worker takes tens of microseconds, so
+            // the task is started ahead and spins to the due time itself.
+            wait_until(intended.checked_sub(HANDOFF).unwrap_or(intended));
             if !warm {
-                lock(&shared).add(&s);
-                progress.done.fetch_add(1, Ordering::Relaxed);
+                measured += 1;
             }
-            drop(permit);
-        });
-        // Reap finished tasks so the set does not grow with the run.
-        while tasks.try_join_next().is_some() {}
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                if !warm {
+                    lock(&shared_s).missed += 1;
+                }
+                continue;
+            };
+            let (client, t, shared, progress) = (client.clone(), t.clone(), shared_s.clone(), progress.clone());
+            let intended = Instant::from_std(intended);
+            tasks.spawn_on(
+                async move {
+                    wait_until(intended.into_std());
+                    let s = measure(&client, &t, Some(intended), timeout).await;
+                    if !warm {
+                        lock(&shared).add(&s);
+                        progress.done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(permit);
+                },
+                &runtime,
+            );
+            // Reap finished tasks so the set does not grow with the run.
+            while tasks.try_join_next().is_some() {}
+        }
+        tasks
+    });
+    if let Ok(mut tasks) = scheduler.await {
+        while tasks.join_next().await.is_some() {}
     }
-    while tasks.join_next().await.is_some() {}
     let report = lock(&shared).clone();
     report
+}
+
+/// How long before its due time a send is handed to the runtime (see `open`).
+const HANDOFF: Duration = Duration::from_micros(100);
+
+/// How long before a due time the scheduler stops sleeping and spins: covers how late a sleep
+/// may end (Linux's default timer slack is 50 µs, plus the wake-up), at a CPU cost of about this
+/// much per send (8% of a core at 1,000 req/s).
+const SPIN: Duration = Duration::from_micros(80);
+
+/// Blocks the calling thread until `at`: a sleep to `SPIN` before it, then a spin.
+fn wait_until(at: std::time::Instant) {
+    let now = std::time::Instant::now();
+    if at > now + SPIN {
+        std::thread::sleep(at - now - SPIN);
+    }
+    while std::time::Instant::now() < at {
+        std::hint::spin_loop();
+    }
 }
 
 fn lock(m: &Mutex<Report>) -> std::sync::MutexGuard<'_, Report> {

@@ -167,11 +167,33 @@ pub async fn execute(args: &Args) -> Result<Outcome, String> {
         return Err("--rounds must be at least 5 so the median and noise floor mean something".into());
     }
     let direct = args.load(direct_url)?;
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let per_run = gateway.warmup + gateway.duration.unwrap_or(Duration::ZERO);
+    let total = per_run * (2 * args.rounds) as u32;
+    let bound = if gateway.duration.is_some() { "about" } else { "at least (--requests decides)" };
+    eprintln!(
+        "compare: {} rounds x 2 arms x {:.1} s (warm-up {:.1} s + {}) = {bound} {:.0} s",
+        args.rounds,
+        per_run.as_secs_f64(),
+        gateway.warmup.as_secs_f64(),
+        gateway.duration.map_or("the requests".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+        total.as_secs_f64()
+    );
+    if (1..report::CORES_NEEDED).contains(&cores) {
+        eprintln!(
+            "warning: {cores} core(s): if the gateway and the upstream run here too, all three compete for CPU and \
+             the throughput ratio measures the machine; pin them apart (taskset) or use a larger machine"
+        );
+    }
     let (mut d, mut g) = (Vec::with_capacity(args.rounds), Vec::with_capacity(args.rounds));
     let (mut d_all, mut g_all) = (Report::new(direct_url.as_str()), Report::new(args.url.as_str()));
     for round in 1..=args.rounds {
         if direct.progress {
-            eprintln!("\rround {round}/{}", args.rounds);
+            eprintln!(
+                "\rround {round}/{}, about {:.0} s left",
+                args.rounds,
+                (total.as_secs_f64() * (1.0 - (round - 1) as f64 / args.rounds as f64))
+            );
         }
         // The arms take turns going first, so a bias of the first (or second) slot in a round
         // lands on both alike.
@@ -187,7 +209,8 @@ pub async fn execute(args: &Args) -> Result<Outcome, String> {
         g_all.merge(&rg);
         g.push(rg.summary());
     }
-    Ok(Outcome::Compare { comparison: compare(d, g), direct: Box::new(d_all), gateway: Box::new(g_all) })
+    let comparison = Comparison { cores, ..compare(d, g) };
+    Ok(Outcome::Compare { comparison, direct: Box::new(d_all), gateway: Box::new(g_all) })
 }
 
 /// The `lmgate bench` entry point: runs, prints the table or JSON to stdout, and exits non-zero

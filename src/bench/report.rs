@@ -42,6 +42,9 @@ pub struct Report {
     pub ttft: Histogram<u64>,
     /// Gaps between successive content events, µs.
     pub gap: Histogram<u64>,
+    /// Open loop: how late each send left against its intended time, µs (the generator's own
+    /// delay, included in latency by design; small means the schedule was kept).
+    pub lateness: Histogram<u64>,
     /// Requests that completed with a 2xx status and a whole body.
     pub ok: u64,
     /// Responses by non-2xx status.
@@ -65,6 +68,7 @@ impl Report {
             ttfb: histogram(),
             ttft: histogram(),
             gap: histogram(),
+            lateness: histogram(),
             ok: 0,
             status_errors: BTreeMap::new(),
             transport_errors: 0,
@@ -81,6 +85,7 @@ impl Report {
         let _ = self.ttfb.add(&other.ttfb);
         let _ = self.ttft.add(&other.ttft);
         let _ = self.gap.add(&other.gap);
+        let _ = self.lateness.add(&other.lateness);
         self.ok += other.ok;
         for (status, n) in &other.status_errors {
             *self.status_errors.entry(*status).or_default() += n;
@@ -120,6 +125,7 @@ impl Report {
             ttfb_us: (!self.ttfb.is_empty()).then(|| Percentiles::of(&self.ttfb)),
             ttft_us: (!self.ttft.is_empty()).then(|| Percentiles::of(&self.ttft)),
             gap_us: (!self.gap.is_empty()).then(|| Percentiles::of(&self.gap)),
+            lateness_us: (!self.lateness.is_empty()).then(|| Percentiles::of(&self.lateness)),
         }
     }
 }
@@ -195,6 +201,19 @@ pub struct Summary {
     pub ttft_us: Option<Percentiles>,
     /// Gaps between content events (streams only).
     pub gap_us: Option<Percentiles>,
+    /// Open loop: how late sends left against the schedule.
+    pub lateness_us: Option<Percentiles>,
+}
+
+/// Open loop: a p99 send lateness above this means the generator did not keep its schedule
+/// (the latencies then include its own delays).
+pub const LATE_P99_US: u64 = 500;
+
+impl Summary {
+    /// Open loop: whether the generator fell behind its schedule (late sends or missed ones).
+    pub fn fell_behind(&self) -> bool {
+        self.missed > 0 || self.lateness_us.is_some_and(|l| l.p99 > LATE_P99_US)
+    }
 }
 
 /// Microseconds as milliseconds with three decimals.
@@ -245,6 +264,18 @@ impl Summary {
         if let Some(p) = &self.gap_us {
             row("chunk gap", p);
         }
+        if let Some(p) = &self.lateness_us {
+            row("send late", p);
+            if self.fell_behind() {
+                let _ = writeln!(
+                    out,
+                    "warning      the generator fell behind its schedule (p99 send lateness {} ms, {} missed): \
+                     latencies include its own delays; lower --rate or give it a free core",
+                    ms(p.p99),
+                    self.missed
+                );
+            }
+        }
         out
     }
 }
@@ -285,6 +316,9 @@ pub struct Added {
     pub noise_us: Option<Spread>,
     /// Whether |median added| is no larger than the largest A/A difference.
     pub within_noise: bool,
+    /// The gateway arm was faster than direct by more than the noise: a hop cannot remove
+    /// latency, so the arms were not measured alike (CPU contention, connection reuse).
+    pub suspect: bool,
 }
 
 /// The `--compare` result: interleaved rounds, direct and gateway.
@@ -306,7 +340,13 @@ pub struct Comparison {
     pub direct: Vec<Summary>,
     /// Per-round summaries of the gateway arm.
     pub gateway: Vec<Summary>,
+    /// CPU cores this machine offers the generator, the gateway and the upstream together (0:
+    /// not known).
+    pub cores: usize,
 }
+
+/// Cores below which the generator, a gateway and an upstream on one machine compete for CPU.
+pub const CORES_NEEDED: usize = 3;
 
 /// The added value per percentile of one measure (`of` picks it out of a summary) over paired
 /// rounds, with the noise floor from consecutive direct rounds. Empty when a round lacks it.
@@ -324,7 +364,8 @@ fn added(direct: &[Summary], gateway: &[Summary], of: fn(&Summary) -> Option<&Pe
             let noise_us = Spread::of(&noise);
             let floor = noise_us.map_or(0.0, |n| n.min.abs().max(n.max.abs()));
             let within_noise = noise_us.is_some() && added_us.median.abs() <= floor;
-            Some(Added { percentile: COLUMNS[k].to_string(), added_us, noise_us, within_noise })
+            let suspect = noise_us.is_some() && added_us.median < -floor;
+            Some(Added { percentile: COLUMNS[k].to_string(), added_us, noise_us, within_noise, suspect })
         })
         .collect()
 }
@@ -345,6 +386,7 @@ pub fn compare(direct: Vec<Summary>, gateway: Vec<Summary>) -> Comparison {
         throughput_ratio: Spread::of(&ratios),
         direct,
         gateway,
+        cores: 0,
     }
 }
 
@@ -398,16 +440,66 @@ impl Comparison {
                     ms_signed(a.added_us.median),
                     format!("{}..{}", ms_signed(a.added_us.min), ms_signed(a.added_us.max)),
                     noise,
-                    if a.within_noise { "  (within noise)" } else { "" }
+                    if a.within_noise {
+                        "  (within noise)"
+                    } else if a.suspect {
+                        "  (suspect: faster than direct beyond the noise)"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
         if let Some(r) = &self.throughput_ratio {
             let _ = writeln!(out, "throughput gateway/direct: {:.3} (min {:.3}, max {:.3})", r.median, r.min, r.max);
         }
+        if (1..CORES_NEEDED).contains(&self.cores) {
+            let _ = writeln!(
+                out,
+                "warning      {} core(s) for the generator, the gateway and the upstream (if they share this \
+                 machine): they compete for CPU, so the throughput ratio measures the machine, not the gateway",
+                self.cores
+            );
+        }
+        let behind = self.direct.iter().chain(&self.gateway).filter(|s| s.fell_behind()).count();
+        if behind > 0 {
+            let _ = writeln!(
+                out,
+                "warning      the generator fell behind its schedule in {behind} run(s) (send lateness p99 over \
+                 {} ms, or missed sends): those latencies include its own delays",
+                ms(LATE_P99_US)
+            );
+        }
+        if self.all().any(|a| a.suspect) {
+            let _ = writeln!(
+                out,
+                "warning      figures marked suspect show the gateway faster than direct by more than the noise: \
+                 a hop cannot remove latency, so the two arms were not measured alike (CPU contention between \
+                 the generator, the gateway and the upstream, or different connection reuse); do not read \
+                 them as a win"
+            );
+        }
+        out.push_str(LEGEND);
         out
     }
+
+    /// Every per-percentile figure of the comparison.
+    fn all(&self) -> impl Iterator<Item = &Added> {
+        self.latency.iter().chain(&self.ttfb).chain(&self.ttft).chain(&self.gap)
+    }
 }
+
+/// What each figure of a comparison means, one line each, printed under the table.
+const LEGEND: &str = "\
+how to read this (milliseconds):
+  added median      gateway minus direct at that percentile, the median over the paired rounds
+  added min..max    the smallest and largest of those per-round differences
+  A/A noise         differences between consecutive direct rounds: what chance alone produces
+  (within noise)    the added median is inside the noise: neither a win nor a loss
+  latency           send to last byte; ttfb: to the first body byte; ttft: to the first content token
+  chunk gap         time between content events of a stream (0 for events read together)
+  throughput        successful requests per second through the gateway, over direct
+";
 
 /// The latency curve of `h` for a chart: (x, µs) points where x = log10(1 / (1 - p)), from
 /// p = 0 in steps of 0.05 on that scale while the data supports it (x ≤ log10(count)), ending at
@@ -637,7 +729,7 @@ mod tests {
         // A non-stream arm has no TTFT: nothing is invented for it.
         let plain = |n: usize| (0..n).map(|_| report_with([5000; 4]).summary()).collect::<Vec<_>>();
         let c = compare(plain(3), arm(&[1300, 1200, 1250]));
-        assert!(c.ttft.is_empty() && c.gap.is_empty() && !c.table().contains("ttft"));
+        assert!(c.ttft.is_empty() && c.gap.is_empty() && !c.table().lines().any(|l| l.starts_with("ttft")));
     }
 
     #[test]
@@ -646,6 +738,40 @@ mod tests {
         let c = compare(arm(&[1000, 1100, 1000]), arm(&[1010, 1090, 1020]));
         assert!(c.latency[0].within_noise);
         assert!(c.table().contains("within noise"));
+    }
+
+    #[test]
+    fn a_gateway_faster_than_direct_beyond_the_noise_is_suspect_not_a_win() {
+        let arm = |lat: &[u64]| -> Vec<Summary> { lat.iter().map(|&l| report_with([l]).summary()).collect() };
+        // Direct noise ±10; the gateway 200 µs faster.
+        let c = compare(arm(&[1000, 1010, 1000]), arm(&[800, 810, 800]));
+        let p50 = &c.latency[0];
+        assert!(p50.suspect && !p50.within_noise);
+        let t = c.table();
+        assert!(
+            t.contains("(suspect: faster than direct beyond the noise)") && t.contains("not measured alike"),
+            "{t}"
+        );
+        // Slower than direct beyond the noise is a finding, not suspect.
+        let c = compare(arm(&[1000, 1010, 1000]), arm(&[1200, 1210, 1200]));
+        assert!(!c.latency[0].suspect && !c.table().contains("suspect"));
+        assert!(c.table().contains("A/A noise         differences between consecutive direct rounds"));
+    }
+
+    #[test]
+    fn few_cores_and_a_generator_behind_its_schedule_are_flagged() {
+        let mut late = report_with([100]);
+        record(&mut late.lateness, Duration::from_micros(2_000));
+        assert!(late.summary().fell_behind());
+        assert!(late.summary().table().contains("fell behind its schedule"));
+        let mut kept = report_with([100]);
+        record(&mut kept.lateness, Duration::from_micros(20));
+        assert!(!kept.summary().fell_behind() && kept.summary().table().contains("send late"));
+        let c = Comparison { cores: 2, ..compare(vec![kept.summary(); 3], vec![late.summary(); 3]) };
+        let t = c.table();
+        assert!(t.contains("2 core(s)") && t.contains("fell behind its schedule in 3 run(s)"), "{t}");
+        let c = Comparison { cores: 8, ..compare(vec![kept.summary(); 3], vec![kept.summary(); 3]) };
+        assert!(!c.table().contains("core(s)") && !c.table().contains("fell behind"));
     }
     #[test]
     fn curve_stops_where_the_data_does_and_ends_at_the_max() {

@@ -470,7 +470,7 @@ impl Config {
         let _ = writeln!(s, "connections ({}):", self.connections.len());
         for c in &self.connections {
             let base = c.provider.base_url().unwrap_or("in-process");
-            let _ = write!(s, "  {} ({:?}) {}", c.name, c.provider.api_type(), base);
+            let _ = write!(s, "  {} ({}) {}", c.name, c.provider.api_type().name(), base);
             if c.http2 {
                 s.push_str(" h2");
             }

@@ -79,10 +79,10 @@ def test_check_on_the_shipped_config_prints_a_summary_without_secret_values(tmp_
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "connections (3):" in out
-    assert re.search(r"^  mock \(Mock\) in-process$", out, re.MULTILINE), out
-    assert re.search(r"^  openai \(Openai\) https://api\.openai\.com/v1 key: set$", out, re.MULTILINE), out
-    assert re.search(r"^  anthropic \(Anthropic\) .* DISABLED: .*`ANTHROPIC_API_KEY`", out, re.MULTILINE), out
-    assert "routes (6):" in out and "  mock-* -> mock.*\n" in out and "  gpt* -> openai.*\n" in out
+    assert re.search(r"^  mock \(mock\) in-process$", out, re.MULTILINE), out
+    assert re.search(r"^  openai \(openai\) https://api\.openai\.com/v1 key: set$", out, re.MULTILINE), out
+    assert re.search(r"^  anthropic \(anthropic\) .* DISABLED: .*`ANTHROPIC_API_KEY`", out, re.MULTILINE), out
+    assert "routes (8):" in out and "  mock-* -> mock.*\n" in out and "  gpt* -> openai.*\n" in out
     assert "groups (1):" in out and "OPEN to anyone" in out
     assert out.rstrip().endswith(f"{SHIPPED_CONFIG}: OK")
     assert SECRET not in out + result.stderr
@@ -130,7 +130,7 @@ def test_check_reads_keys_from_an_env_file_given_with_env(tmp_path: Path):
     result = run_check(["--config", str(SHIPPED_CONFIG), "--env", "keys.env"], tmp_path, environment())
 
     assert result.returncode == 0, result.stderr
-    assert "openai (Openai) https://api.openai.com/v1 key: set" in result.stdout
+    assert "openai (openai) https://api.openai.com/v1 key: set" in result.stdout
     assert SECRET not in result.stdout + result.stderr
 
 
@@ -262,4 +262,4 @@ def test_a_model_of_a_connection_without_its_key_is_503_naming_the_variable(clie
 def test_models_lists_the_usable_routes_of_the_shipped_config(client: openai.OpenAI):
     ids = [model.id for model in client.models.list()]
 
-    assert ids == ["mock-*", "gpt*", "o1*", "o3*", "text-embedding-*"], "claude* is hidden: no ANTHROPIC_API_KEY"
+    assert ids == ["mock-*", "gpt*", "o1*", "o3*", "o4*", "chatgpt-*", "text-embedding-*"], "claude* is hidden: no ANTHROPIC_API_KEY"
