@@ -28,7 +28,9 @@ fn pick(c: &mut Criterion) {
             // Some load: leases held on every other target, latencies measured on all.
             let _held: Vec<_> = targets.iter().step_by(2).filter_map(|t| t.health.lease(pool::now_ms())).collect();
             for (i, t) in targets.iter().enumerate() {
-                t.health.succeeded(Duration::from_micros(500 + 100 * i as u64));
+                if let Some(mut lease) = t.health.lease(pool::now_ms()) {
+                    lease.succeeded(Duration::from_micros(500 + 100 * i as u64));
+                }
             }
             group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                 b.iter(|| pool::pick(black_box(&targets[..]), strategy, black_box(0), pool::now_ms()))

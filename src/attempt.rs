@@ -187,6 +187,8 @@ where
     let retries = &pool.retries;
     let (mut tried, mut skipped) = (0u64, 0u64);
     let (mut made, mut again, mut waited) = (0u32, 0u32, Duration::ZERO);
+    // The last pause was a cooldown wait: no backoff on top of it.
+    let mut rested = false;
     while made < retries.attempts && skipped != all {
         let now = pool::now_ms();
         let fresh = pool::pick(targets, pool.strategy, tried | skipped, now);
@@ -200,19 +202,24 @@ where
             if waited + wait <= retries.retry_after_max {
                 waited += wait;
                 tokio::time::sleep(wait).await;
+                rested = true;
                 continue;
             }
             st.last = Some((cooling(route, name, wait, limited), None, false));
             return Link::Exhausted;
         };
         let bit = 1u64 << i;
-        if fresh.is_none() {
+        let target = &targets[i];
+        if fresh.is_none() && !std::mem::take(&mut rested) {
             again += 1;
             tokio::time::sleep(pool::backoff(again, retries.backoff, retries.max_backoff)).await;
+            // Another request may have cooled it meanwhile (a 429 with Retry-After): pick again.
+            if !target.health.usable(pool::now_ms()) {
+                continue;
+            }
         }
-        let target = &targets[i];
         // `None`: another request took the half-open probe slot; pick again.
-        let Some(lease) = target.health.lease(pool::now_ms()) else { continue };
+        let Some(mut lease) = target.health.lease(pool::now_ms()) else { continue };
         let started = Instant::now();
         let outcome = attempt(target, name).await;
         if let Outcome::Skip(e) = outcome {
@@ -226,7 +233,7 @@ where
         st.run.target = Some((route.id, i));
         match outcome {
             Outcome::Success(answer) => {
-                target.health.succeeded(started.elapsed());
+                lease.succeeded(started.elapsed());
                 st.run.lease = Some(lease);
                 return Link::Answered(Ok(answer));
             }

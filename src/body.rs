@@ -728,7 +728,18 @@ impl http_body::Body for Body {
             Inner::Chunks(p) => SizeHint::with_exact(p.len as u64),
             Inner::Passthrough(p) => match p.mode {
                 Mode::Sse(_) | Mode::Translate(_) => SizeHint::default(),
-                _ => p.upstream.size_hint(),
+                _ => {
+                    // The upstream's hint counts what it has not yet handed over; bytes already
+                    // taken (the first frame held by `first_bytes`, gathered output) come on top.
+                    let held = (p.out.len() + p.next.as_ref().and_then(Frame::data_ref).map_or(0, Bytes::len)) as u64;
+                    let up = p.upstream.size_hint();
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(up.lower() + held);
+                    if let Some(upper) = up.upper() {
+                        hint.set_upper(upper + held);
+                    }
+                    hint
+                }
             },
         }
     }

@@ -132,12 +132,14 @@ impl Health {
         Some(Lease { health: self.clone(), probe })
     }
 
-    /// An attempt succeeded after `ttfb`: back in service, failures forgotten, latency noted.
-    pub fn succeeded(&self, ttfb: Duration) {
+    /// An attempt succeeded after `ttfb`: failures forgotten, latency noted. Only the half-open
+    /// probe puts a cooling target back in service: a request that started before the target
+    /// was cooled (a 429 with Retry-After meanwhile) must not lift the cooldown.
+    fn succeeded(&self, ttfb: Duration, probe: bool) {
         if self.failures.load(Relaxed) != 0 {
             self.failures.store(0, Relaxed);
         }
-        if self.until_ms.load(Relaxed) != 0 {
+        if probe {
             self.until_ms.store(0, Relaxed);
             self.limited.store(false, Relaxed);
         }
@@ -181,12 +183,26 @@ pub struct Lease {
     probe: bool,
 }
 
+impl Lease {
+    /// The attempt succeeded after `ttfb` (see [`Health::succeeded`]). A probe's slot is freed
+    /// now, not when the response ends: a long stream must not keep the target half-open.
+    pub fn succeeded(&mut self, ttfb: Duration) {
+        self.health.succeeded(ttfb, self.probe);
+        self.settle();
+    }
+
+    /// Frees the probe slot, if this lease holds it.
+    fn settle(&mut self) {
+        if std::mem::take(&mut self.probe) {
+            self.health.probing.store(false, Relaxed);
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         self.health.in_flight.fetch_sub(1, Relaxed);
-        if self.probe {
-            self.health.probing.store(false, Relaxed);
-        }
+        self.settle();
     }
 }
 
@@ -336,17 +352,17 @@ mod tests {
     #[test]
     fn latency_prefers_unmeasured_then_the_fastest_and_still_explores() {
         let targets = pool(&[1, 1]);
-        targets[0].health.succeeded(Duration::from_millis(50));
+        targets[0].health.succeeded(Duration::from_millis(50), false);
         // Target 1 is unmeasured: it goes first (but for exploration).
         let c = counts(&targets, Strategy::Latency, 2_000);
         assert!(c[1] > 1_800, "{c:?}");
-        targets[1].health.succeeded(Duration::from_millis(5));
+        targets[1].health.succeeded(Duration::from_millis(5), false);
         let c = counts(&targets, Strategy::Latency, 4_000);
         // Exploration sends about 1 in 40 to the slower one (1 in 20, half of them to either).
         assert!(c[1] > 3_700 && c[0] > 20, "{c:?}");
         // It gets faster: the EWMA follows within a few samples.
         for _ in 0..10 {
-            targets[0].health.succeeded(Duration::from_millis(1));
+            targets[0].health.succeeded(Duration::from_millis(1), false);
         }
         let c = counts(&targets, Strategy::Latency, 4_000);
         assert!(c[0] > 3_700, "{c:?}");
@@ -363,7 +379,12 @@ mod tests {
         h.failed(&failure(), COOL, true, now);
         assert!(!h.usable(now) && h.cooling(now));
         assert_eq!(h.wait(now), (Duration::from_secs(30), false));
-        h.succeeded(Duration::from_millis(1));
+        // A request that started before the cooldown succeeds: the cooldown stands.
+        h.succeeded(Duration::from_millis(1), false);
+        assert!(!h.usable(now) && h.cooling(now));
+        // The probe, once the time is up, lifts it.
+        let mut probe = h.lease(now + 30_000).unwrap();
+        probe.succeeded(Duration::from_millis(1));
         assert!(h.usable(now));
     }
 
@@ -392,10 +413,11 @@ mod tests {
         h.failed(&failure(), Cooldown { failures: 1, ..COOL }, true, later);
         drop(probe);
         assert!(!h.usable(later + 1), "a failed probe cools it again");
-        let probe = h.lease(later + 30_000).unwrap();
-        h.succeeded(Duration::from_millis(1));
+        let mut probe = h.lease(later + 30_000).unwrap();
+        probe.succeeded(Duration::from_millis(1));
+        assert!(h.usable(later + 30_000), "a good probe puts it back in service at once");
+        assert!(h.lease(later + 30_000).is_some(), "while its response is still going");
         drop(probe);
-        assert!(h.usable(later + 30_000), "a good probe puts it back in service");
         let (a, b) = (h.lease(later + 30_000), h.lease(later + 30_000));
         assert!(a.is_some() && b.is_some(), "for everyone, not one at a time");
         assert_eq!(h.in_flight(), 2);

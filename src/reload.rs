@@ -119,7 +119,10 @@ async fn run(proxy: Arc<Proxy>, source: Source, watch: bool, mut hangup: Hangup)
                 "a file changed"
             }
         };
-        match reload(&proxy, &source) {
+        // Reading files and compiling (TLS files included) blocks: off the runtime's workers.
+        let (p, src) = (proxy.clone(), source.clone());
+        let reloaded = tokio::task::spawn_blocking(move || reload(&p, &src)).await;
+        match reloaded.unwrap_or_else(|e| Err(format!("the reload task failed: {e}"))) {
             Ok(kept) => {
                 let cfg = proxy.config();
                 tracing::info!(

@@ -209,13 +209,15 @@ impl Router {
         }
     }
 
-    /// Takes over the health of `previous`'s targets that have the same label, so a reload
-    /// keeps cooldowns, failure counts and latency for every target it keeps.
-    pub fn adopt_health(&mut self, previous: &Router) {
+    /// Takes over the health of `previous`'s targets that have the same label and for which
+    /// `unchanged` holds (their connection still reaches the same upstream the same way), so a
+    /// reload keeps cooldowns, failure counts and latency for every target it keeps, and a
+    /// target whose key or address was just fixed starts afresh.
+    pub fn adopt_health(&mut self, previous: &Router, unchanged: impl Fn(&Target) -> bool) {
         let old: HashMap<&str, &Arc<Health>> =
             previous.routes.iter().flat_map(|r| &r.targets).map(|t| (&*t.label, &t.health)).collect();
         for t in self.routes.iter_mut().flat_map(|r| &mut r.targets) {
-            if let Some(h) = old.get(&*t.label) {
+            if let Some(h) = old.get(&*t.label).filter(|_| unchanged(t)) {
                 t.health = Arc::clone(h);
             }
         }
@@ -294,10 +296,14 @@ mod tests {
         };
         let old = cfg("\"p\" = [\"a.x\", \"a.y\"]\n");
         let mut new = cfg("\"q\" = [\"a.y\", \"a.z\"]\n");
-        new.router.adopt_health(&old.router);
+        new.router.adopt_health(&old.router, |_| true);
         let (old_t, new_t) = (&old.router.routes()[0].targets, &new.router.routes()[0].targets);
         assert!(Arc::ptr_eq(&new_t[0].health, &old_t[1].health), "a.y keeps its health, whatever the route");
         assert!(!Arc::ptr_eq(&new_t[1].health, &old_t[0].health) && !Arc::ptr_eq(&new_t[1].health, &old_t[1].health));
+        // A changed connection starts afresh.
+        let mut again = cfg("\"q\" = [\"a.y\"]\n");
+        again.router.adopt_health(&old.router, |_| false);
+        assert!(!Arc::ptr_eq(&again.router.routes()[0].targets[0].health, &old_t[1].health));
     }
 
     #[test]

@@ -26,10 +26,15 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds the transports for `config`, reusing those of `previous` for connections of the
     /// same name that reach their upstream the same way; pooled targets keep the health
-    /// (cooldowns, failures, latency) of `previous`'s targets of the same name.
+    /// (cooldowns, failures, latency) of `previous`'s targets of the same name whose connection
+    /// is unchanged.
     pub fn new(mut config: Config, mock: &Arc<Mock>, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
         if let Some(p) = previous {
-            config.router.adopt_health(&p.config.router);
+            let (connections, before) = (&config.connections, &p.config.connections);
+            config.router.adopt_health(&p.config.router, |t| {
+                let now = &connections[t.connection];
+                before.iter().any(|b| b.name == now.name && b.same_upstream(now))
+            });
         }
         let transports = config
             .connections

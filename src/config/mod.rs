@@ -327,6 +327,12 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Whether two connections are the same upstream to the gateway: the same transport, the
+    /// same credential and headers, equally usable (a reload keeps the health of its targets).
+    pub fn same_upstream(&self, other: &Connection) -> bool {
+        self.same_transport(other) && self.headers == other.headers && self.disabled == other.disabled
+    }
+
     /// Whether two connections reach their upstream the same way, so a client built for one
     /// serves the other (a reload keeps the pool of an unchanged connection).
     pub fn same_transport(&self, other: &Connection) -> bool {

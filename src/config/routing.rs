@@ -253,20 +253,31 @@ fn chain_fallbacks(
             edges[i].push((to.id, Arc::from(name.as_str())));
         }
     }
-    // A cycle: a walk from a route that comes back to a route still on its path.
-    fn walk(at: usize, edges: &[Vec<(usize, Arc<str>)>], path: &mut Vec<usize>) -> Option<Vec<usize>> {
+    // A cycle: a walk from a route that comes back to a route still on its path. Routes whose
+    // every walk is known to end (`done`) are not walked again, so this is linear in the edges.
+    fn walk(
+        at: usize,
+        edges: &[Vec<(usize, Arc<str>)>],
+        path: &mut Vec<usize>,
+        done: &mut [bool],
+    ) -> Option<Vec<usize>> {
         if let Some(start) = path.iter().position(|&p| p == at) {
             let mut cycle = path[start..].to_vec();
             cycle.push(at);
             return Some(cycle);
         }
+        if done[at] {
+            return None;
+        }
         path.push(at);
-        let found = edges[at].iter().find_map(|(to, _)| walk(*to, edges, path));
+        let found = edges[at].iter().find_map(|(to, _)| walk(*to, edges, path, done));
         path.pop();
+        done[at] = found.is_none();
         found
     }
+    let mut done = vec![false; routes.len()];
     for i in 0..routes.len() {
-        if let Some(cycle) = walk(i, &edges, &mut Vec::new()) {
+        if let Some(cycle) = walk(i, &edges, &mut Vec::new(), &mut done) {
             let names: Vec<String> = cycle.iter().map(|&r| format!("\"{}\"", routes[r].pattern.as_str())).collect();
             let line = routing.get_index(cycle[0]).map_or(String::new(), |(_, v)| line_of(source, v.span()));
             return err(format!(
@@ -430,6 +441,19 @@ mod tests {
         );
         let e = error("[routing]\n\"s*\" = { targets = [\"a.x\"], fallbacks = [\"self\"] }\n");
         assert!(e.contains("cycle (\"s*\" -> \"s*\")"), "{e}");
+    }
+
+    #[test]
+    fn many_routes_falling_back_to_the_next_two_are_checked_at_once() {
+        // A ladder of 60 routes, each falling back to the next two: no cycle, 2^60 paths.
+        let routes: String = (0..60)
+            .map(|i| {
+                let next: Vec<String> = (i + 1..=(i + 2).min(59)).map(|j| format!("\"r{j}\"")).collect();
+                format!("\"r{i}\" = {{ targets = [\"a.x\"], fallbacks = [{}] }}\n", next.join(", "))
+            })
+            .collect();
+        let cfg = parse(&format!("[routing]\n{routes}")).unwrap();
+        assert_eq!(cfg.router.routes()[0].pool.as_ref().unwrap().chain.len(), 59);
     }
 
     #[test]

@@ -391,3 +391,16 @@ async fn a_client_that_leaves_during_a_wait_gets_no_further_attempt() {
     assert!(asked.elapsed() >= Duration::from_millis(900));
     assert!(taken(&mut up).len() >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_answer_to_a_stream_request_held_for_its_first_bytes_arrives_whole() {
+    // An upstream that ignores `stream: true` and answers one JSON document with a length.
+    let body = completion("json");
+    let answer = json(&body);
+    let up = Upstream::start(move |_| vec![Step::Write(answer.clone())]).await;
+    let gw =
+        Gateway::start(&format!("{}[routing]\n\"pool\" = \"up.m\"\n", conn("up", &up, "first_token_timeout_secs = 2")));
+    let r = within("the whole JSON answer", ask(&gw, STREAM)).await;
+    assert_eq!((r.status(), r.text()), (200, body));
+    assert_eq!(r.head.get("content-length").map(str::to_owned), Some(r.body.len().to_string()));
+}
