@@ -121,3 +121,38 @@ async fn listener_keys_are_kept_on_reload_and_named() {
     assert_eq!((cfg.server.listen.port(), cfg.server.max_connections), (4000, 10_000));
     assert_eq!(cfg.router.routes()[0].targets[0].label.as_ref(), "mk.model-b", "the rest is applied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_a_cooldown_by_name_and_drops_it_when_the_connection_changed() {
+    use crate::harness::upstream::{json, response, Step, Upstream};
+    let mut limited =
+        Upstream::start(|_| vec![Step::Write(response(429, "application/json", &[("retry-after", "60")], "{}"))]).await;
+    let fine = Upstream::start(|_| vec![Step::Write(json(r#"{"ok":true}"#))]).await;
+    let (limited_addr, fine_addr) = (limited.addr, fine.addr);
+    let text = |key: &str| {
+        format!(
+            "[connections.limited]\napi_type = \"openai\"\napi_base = \"http://{}/v1\"\napi_key = \"{key}\"\n\
+             [connections.fine]\napi_type = \"openai\"\napi_base = \"http://{}/v1\"\n\
+             [routing]\n\"m\" = {{ targets = [\"limited.m\", \"fine.m\"], strategy = \"ordered\" }}\n",
+            limited_addr, fine_addr
+        )
+    };
+    let file = File::new("cooldown");
+    file.write(&text("sk-1"));
+    let source = Source { config: file.0.clone(), env: Some(String::new()) };
+    let proxy = Arc::new(Proxy::new(source.load().expect("config")).expect("proxy"));
+    let gw = Gateway::serve(proxy.clone());
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let ask = || async { crate::harness::client::exchange(gw.addr, &post("/v1/chat/completions", &[], body)).await };
+    assert_eq!(ask().await.status(), 200);
+    assert!(limited.try_request().is_some(), "the primary was asked and answered 429");
+    // The same file again: the cooldown (Retry-After 60) is kept, the primary is not asked.
+    assert_eq!(reload::reload(&proxy, &source), Ok(vec![]));
+    assert_eq!(ask().await.status(), 200);
+    assert!(limited.try_request().is_none(), "the cooldown survived the reload");
+    // A new key for the primary: a different upstream to the gateway, asked again at once.
+    file.write(&text("sk-2"));
+    assert_eq!(reload::reload(&proxy, &source), Ok(vec![]));
+    assert_eq!(ask().await.status(), 200);
+    assert!(limited.try_request().is_some(), "a changed connection starts without the old cooldown");
+}
