@@ -76,6 +76,17 @@ pub fn reload(proxy: &Proxy, source: &Source) -> Result<Vec<&'static str>, Strin
     if old.tls.is_some() != new.tls.is_some() {
         new.tls = old.tls.clone();
     }
+    // The start-time check for an open gateway read the file's `listen`; the one kept is what
+    // callers reach, so a file that drops every key cannot open a public listener.
+    if next.open_group.is_some() && !next.server.listen.ip().is_loopback() && !next.server.open {
+        return Err(format!(
+            "{}: no client keys are configured and the gateway keeps listening on `{}` (listen changes \
+             need a restart), which is not a loopback address, so anyone who can reach it could spend the \
+             upstream keys; keep [groups.NAME] api_keys, or set [server] open = true to run open on purpose",
+            source.config.display(),
+            next.server.listen
+        ));
+    }
     proxy.reload(next).map_err(|e| format!("{}: {e}", source.config.display()))?;
     Ok(kept)
 }
@@ -105,6 +116,9 @@ type Hangup = Option<()>;
 async fn run(proxy: Arc<Proxy>, source: Source, watch: bool, mut hangup: Hangup) {
     let files = source.files();
     let mut seen = stamps(&files);
+    // A change is taken once the files have stood still for a tick: a file rewritten in place
+    // can be read mid-write, and a valid prefix of it would drop the routes after the cut.
+    let mut changing = None;
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -112,10 +126,12 @@ async fn run(proxy: Arc<Proxy>, source: Source, watch: bool, mut hangup: Hangup)
             Some(()) = signal(&mut hangup) => "SIGHUP",
             _ = tick.tick(), if watch => {
                 let now = stamps(&files);
-                if now == seen {
+                if now == seen || changing.as_ref() != Some(&now) {
+                    changing = (now != seen).then_some(now);
                     continue;
                 }
                 seen = now;
+                changing = None;
                 "a file changed"
             }
         };

@@ -123,6 +123,26 @@ async fn listener_keys_are_kept_on_reload_and_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_cannot_open_a_public_listener_by_dropping_every_key() {
+    let file = File::new("public");
+    file.write(&format!("[server]\nlisten = \"0.0.0.0:4000\"\n{}", config("model-a", &["k"])));
+    let source = Source { config: file.0.clone(), env: Some(String::new()) };
+    let proxy = Arc::new(Proxy::new(source.load().expect("config")).expect("proxy"));
+    // No keys and no `listen` line: valid on its own (the default listen is loopback), but the
+    // public listener is kept, so the file would open it to anyone.
+    file.write("[connections.mk]\napi_type = \"mock\"\n[routing]\n\"m\" = \"mk.model-b\"\n");
+    let e = reload::reload(&proxy, &source).expect_err("an open public listener");
+    assert!(e.contains("no client keys") && e.contains("0.0.0.0:4000"), "{e}");
+    let cfg = proxy.config();
+    assert!(cfg.open_group.is_none(), "the keys still apply");
+    assert_eq!(cfg.router.routes()[0].targets[0].label.as_ref(), "mk.model-a", "nothing changed");
+    // Running open on purpose is a choice the file can make.
+    file.write("[server]\nopen = true\n[connections.mk]\napi_type = \"mock\"\n[routing]\n\"m\" = \"mk.model-b\"\n");
+    assert_eq!(reload::reload(&proxy, &source), Ok(vec!["listen"]));
+    assert!(proxy.config().open_group.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_keeps_a_cooldown_by_name_and_drops_it_when_the_connection_changed() {
     use crate::harness::upstream::{json, response, Step, Upstream};
     let mut limited =
