@@ -66,6 +66,11 @@ pub fn now_ms() -> u64 {
     EPOCH.elapsed().as_millis() as u64 + 1
 }
 
+/// The longest an upstream's `Retry-After` keeps a target out. Past it a probe asks again: one
+/// answer (a 503 saying "come back in 100 days", or a date years ahead) must not take a
+/// deployment out until the next restart, and a reload keeps cooldowns.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// One target's shared state.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -150,13 +155,13 @@ impl Health {
     }
 
     /// An attempt failed in a way another attempt may fix. An upstream's `Retry-After` cools
-    /// the target for at least that long, always (it said so). Other failures count; at
+    /// the target for that long, always (it said so), up to [`MAX_RETRY_AFTER`]. Other failures count; at
     /// `cooldown.failures` in a row the target goes out for `cooldown.period`, but only while
     /// `others_usable`: the last usable target of a pool is never taken out for failures.
     pub fn failed(&self, error: &Error, cooldown: Cooldown, others_usable: bool, now: u64) {
         let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
         if let Some(wait) = error.retry_after {
-            let until = now + (wait.as_millis() as u64).max(1);
+            let until = now + (wait.min(MAX_RETRY_AFTER).as_millis() as u64).max(1);
             self.until_ms.fetch_max(until, Relaxed);
             self.limited.store(error.status == StatusCode::TOO_MANY_REQUESTS, Relaxed);
         } else if failures >= cooldown.failures && others_usable {
@@ -397,6 +402,17 @@ mod tests {
         h.failed(&e, COOL, false, now);
         assert_eq!(h.wait(now), (Duration::from_secs(7), true));
         assert!(!h.usable(now + 6_999) && h.usable(now + 7_000));
+    }
+
+    #[test]
+    fn a_retry_after_keeps_a_target_out_for_at_most_an_hour() {
+        let h = Arc::new(Health::default());
+        let now = now_ms();
+        let mut e = Error::upstream_status(StatusCode::SERVICE_UNAVAILABLE, "api_error", "down");
+        e.retry_after = Some(Duration::from_secs(9_999_999));
+        h.failed(&e, COOL, true, now);
+        assert_eq!(h.wait(now).0, MAX_RETRY_AFTER);
+        assert!(!h.usable(now + 3_599_999) && h.usable(now + 3_600_000));
     }
 
     #[test]
