@@ -239,8 +239,9 @@ where
             }
             Outcome::Failure { error, relay } if error.retryable() => {
                 let now = pool::now_ms();
-                let others =
-                    (0..targets.len()).any(|j| j != i && skipped & (1 << j) == 0 && targets[j].health.usable(now));
+                let others = (0..targets.len()).any(|j| {
+                    j != i && skipped & (1 << j) == 0 && !targets[j].disabled && targets[j].health.usable(now)
+                });
                 target.health.failed(&error, pool.cooldown, others, now);
                 st.failed(error, relay);
             }
@@ -376,6 +377,21 @@ mod tests {
             _ => Outcome::Skip(Error::unavailable("disabled")),
         });
         assert_eq!((run.result.unwrap_err().status.as_u16(), run.attempts), (403, 0));
+    }
+
+    #[test]
+    fn failures_never_cool_the_last_target_whose_connection_is_enabled() {
+        let conns = "[connections.a]\napi_type = \"mock\"\n[connections.b]\napi_type = \"openai\"\n\
+                     api_base = \"http://127.0.0.1:9/v1\"\napi_key = \"env:LMGATE_TEST_UNSET_KEY\"\n";
+        let routing = "[routing]\n\"m\" = { targets = [\"a.x\", \"b.x\"], strategy = \"ordered\", attempts = 1 }\n";
+        let cfg = Config::parse(&format!("{conns}{routing}"), &|_: &str| None).unwrap();
+        assert!(cfg.connections[1].disabled.is_some());
+        // Each request fails on `a` before it reaches `b` (disabled), far past `[cooldown] failures`.
+        for _ in 0..10 {
+            let (run, seen) = script(&cfg, "m", |_, _| Outcome::failed(busy()));
+            assert_eq!((run.attempts, seen), (1, vec!["a:m".to_owned()]));
+        }
+        assert!(!cfg.router.routes()[0].targets[0].health.cooling(pool::now_ms()), "`b` cannot serve");
     }
 
     #[test]

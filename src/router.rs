@@ -72,6 +72,9 @@ pub struct Target {
     /// Health shared by every route naming this target, kept across reloads. Plain routes
     /// never touch it.
     pub health: Arc<Health>,
+    /// Its connection is disabled (a key variable is missing): attempts at it are skipped, so
+    /// it never counts as another usable target when deciding a cooldown.
+    pub disabled: bool,
 }
 
 /// A renamed upstream model, with its JSON string token pre-rendered for splicing.
@@ -93,7 +96,7 @@ impl Target {
             crate::json::write_str(&mut json, model);
             UpstreamModel { name: model.to_owned(), json: json.into() }
         });
-        Target { connection, model, label, weight: 1, health: Arc::default() }
+        Target { connection, model, label, weight: 1, health: Arc::default(), disabled: false }
     }
 
     /// The model to send upstream for a requested name.

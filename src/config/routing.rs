@@ -189,7 +189,7 @@ fn target(value: &str, at: &At<'_>, connections: &[Connection]) -> Result<Target
     if model.is_empty() {
         return at.fail(format!("the model after `{conn}.` is empty"));
     }
-    Ok(Target::new(id, conn, model))
+    Ok(Target { disabled: connections[id].disabled.is_some(), ..Target::new(id, conn, model) })
 }
 
 /// A pool's targets: strings or `{ to, weight }` tables; at least one, at most
