@@ -76,16 +76,9 @@ pub fn reload(proxy: &Proxy, source: &Source) -> Result<Vec<&'static str>, Strin
     if old.tls.is_some() != new.tls.is_some() {
         new.tls = old.tls.clone();
     }
-    // The start-time check for an open gateway read the file's `listen`; the one kept is what
-    // callers reach, so a file that drops every key cannot open a public listener.
-    if next.open_group.is_some() && !next.server.listen.ip().is_loopback() && !next.server.open {
-        return Err(format!(
-            "{}: no client keys are configured and the gateway keeps listening on `{}` (listen changes \
-             need a restart), which is not a loopback address, so anyone who can reach it could spend the \
-             upstream keys; keep [groups.NAME] api_keys, or set [server] open = true to run open on purpose",
-            source.config.display(),
-            next.server.listen
-        ));
+    // The check at parse read the file's `listen`; the one kept is what callers reach.
+    if let Some(refusal) = crate::config::open_to_anyone(&next.server, next.open_group.is_some()) {
+        return Err(format!("{}: {refusal} (the running listener is kept until a restart)", source.config.display()));
     }
     proxy.reload(next).map_err(|e| format!("{}: {e}", source.config.display()))?;
     Ok(kept)

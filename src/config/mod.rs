@@ -41,6 +41,19 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Why a gateway with no client keys (`open`) may not run on `server.listen`: anyone who can
+/// reach a public address could spend the upstream keys, unless `[server] open = true` says so.
+pub fn open_to_anyone(server: &Server, open: bool) -> Option<String> {
+    (open && !server.listen.ip().is_loopback() && !server.open).then(|| {
+        format!(
+            "server.listen: no client keys are configured and `{}` is not a loopback address, so anyone who \
+             can reach it could spend the upstream keys; add [groups.NAME] api_keys, or set [server] open = true \
+             to run open on purpose",
+            server.listen
+        )
+    })
+}
+
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
@@ -431,13 +444,8 @@ impl Config {
         }
 
         let open_line = raw.server.open.as_ref().map_or(String::new(), |o| line_of(raw.source.as_deref(), o.span()));
-        if keys.is_empty() && !server.listen.ip().is_loopback() && !server.open {
-            return err(format!(
-                "server.listen: no client keys are configured and `{}` is not a loopback address, so anyone who \
-                 can reach it could spend the upstream keys; add [groups.NAME] api_keys, or set [server] open = true \
-                 to run open on purpose",
-                server.listen
-            ));
+        if let Some(refusal) = open_to_anyone(&server, keys.is_empty()) {
+            return err(refusal);
         }
         if !keys.is_empty() && server.open {
             return err(format!(
