@@ -141,6 +141,52 @@ impl Body {
         }
     }
 
+    /// Reads a forwarded JSON body whole, up to about `limit` bytes (what is read is kept for the
+    /// client), and returns the usage in it once it is all in: so the response head can carry
+    /// what the request cost. A larger body, or one of another kind, is left to be forwarded as
+    /// it comes. The connection's idle timeout bounds every wait.
+    pub async fn settle(&mut self, limit: usize, connection: &str) -> Result<Option<Usage>, Error> {
+        let Inner::Passthrough(p) = &mut self.inner else { return Ok(None) };
+        if !matches!(p.mode, Mode::Json { .. }) {
+            return Ok(None);
+        }
+        let mut usage = None;
+        while !p.done && p.out.len() < limit {
+            let frame = std::future::poll_fn(|cx| p.upstream.poll_frame(cx));
+            let ended = match tokio::time::timeout(p.idle, frame).await {
+                Err(_) => {
+                    let why = format!("Connection `{connection}`: no data from the upstream for {:?}.", p.idle);
+                    return Err(Error::upstream_failure(Kind::UpstreamTimeout, why));
+                }
+                Ok(Some(Err(_))) => {
+                    let why = format!("Connection `{connection}`: the upstream connection failed mid-response.");
+                    return Err(Error::upstream_failure(Kind::UpstreamBroken, why));
+                }
+                Ok(None) => true,
+                Ok(Some(Ok(frame))) => {
+                    p.last_frame = Instant::now();
+                    if let Ok(data) = frame.into_data() {
+                        p.feed(data, &mut usage)?;
+                    }
+                    p.upstream.is_end_stream()
+                }
+            };
+            if ended {
+                p.finish(&mut usage)?;
+                p.done = true;
+            }
+        }
+        Ok(usage)
+    }
+
+    /// When the upstream's last body bytes arrived, for a forwarded body.
+    fn upstream_last(&self) -> Option<Instant> {
+        match &self.inner {
+            Inner::Passthrough(p) => Some(p.last_frame),
+            _ => None,
+        }
+    }
+
     /// Attaches the request record, written when the body is dropped.
     pub fn with_record(self, record: Record) -> Recorded {
         Recorded { body: self, record }
@@ -754,6 +800,13 @@ impl Recorded {
     }
 }
 
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        // The record is written after this, with the time the upstream's body ended.
+        self.record.upstream_last = self.body.upstream_last();
+    }
+}
+
 impl http_body::Body for Recorded {
     type Data = Bytes;
     type Error = BoxError;
@@ -764,7 +817,16 @@ impl http_body::Body for Recorded {
         // hyper stops polling once `is_end_stream` is true, so the last frame marks completion.
         let ended = match &polled {
             Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let r = &mut this.record;
+                    if r.bytes_out == 0 && r.stream {
+                        r.first_frame = Some(Instant::now());
+                    }
+                    r.bytes_out += data.len() as u64;
+                }
+                this.body.is_end_stream()
+            }
             _ => false,
         };
         if ended && this.record.outcome == Outcome::ClientGone {
@@ -807,7 +869,7 @@ data: [DONE]\n\n";
         for step in 1..STREAM.len() {
             let (out, usage) = run(STREAM, step, false);
             assert_eq!(out, STREAM, "step {step}");
-            assert_eq!(usage, Some(Usage { prompt: 3, completion: 5 }));
+            assert_eq!(usage, Some(Usage { prompt: 3, completion: 5, ..Usage::default() }));
         }
     }
 
@@ -818,7 +880,7 @@ data: [DONE]\n\n";
         for step in 1..STREAM.len() {
             let (out, usage) = run(STREAM, step, true);
             assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want), "step {step}");
-            assert_eq!(usage, Some(Usage { prompt: 3, completion: 5 }));
+            assert_eq!(usage, Some(Usage { prompt: 3, completion: 5, ..Usage::default() }));
         }
     }
 
@@ -1008,7 +1070,7 @@ data: [DONE]\n\n";
         let Mode::Sse(mut s) = Mode::sse(true) else { unreachable!() };
         let mut usage = None;
         assert!(!s.keep(event, &mut usage));
-        assert_eq!(usage, Some(Usage { prompt: 3, completion: 5 }));
+        assert_eq!(usage, Some(Usage { prompt: 3, completion: 5, ..Usage::default() }));
     }
 
     #[test]

@@ -301,6 +301,12 @@ pub struct Usage {
     pub prompt: u64,
     /// `completion_tokens` (0 for embeddings).
     pub completion: u64,
+    /// The part of `prompt` read from the provider's prompt cache
+    /// (`prompt_tokens_details.cached_tokens`).
+    pub cached: u64,
+    /// The part of `prompt` written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`; OpenAI reports none).
+    pub cache_write: u64,
 }
 
 /// Reads the top-level `usage` object of a JSON object text. Also says whether its `choices` is
@@ -334,6 +340,15 @@ pub fn usage_object(text: &[u8]) -> Option<Usage> {
             Some(b"completion_tokens") => {
                 u.completion = n().unwrap_or(0);
                 any = true;
+            }
+            Some(b"prompt_tokens_details") => {
+                let details = &text[value.clone()];
+                let _ = members(details, |k, v| {
+                    if unescaped_key::<16>(k).as_ref().map(ShortKey::as_slice) == Some(b"cached_tokens") {
+                        u.cached = u64_of(&details[v]).unwrap_or(0);
+                    }
+                    true
+                });
             }
             _ => {}
         }
@@ -863,7 +878,7 @@ mod tests {
     #[test]
     fn usage_of_an_event_and_empty_choices() {
         let ev = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46}}"#;
-        assert_eq!(usage(ev), Some((Usage { prompt: 12, completion: 34 }, true)));
+        assert_eq!(usage(ev), Some((Usage { prompt: 12, completion: 34, ..Usage::default() }, true)));
         let ev = br#"{"choices":[{"delta":{}}],"usage":null}"#;
         assert_eq!(usage(ev), None);
     }
@@ -925,7 +940,7 @@ mod tests {
     #[test]
     fn usage_in_a_tail_ignores_quoted_lookalikes() {
         let tail = br#"3,0.4]}],"note":"\"usage\": {\"prompt_tokens\": 9}","model":"m","usage":{"prompt_tokens":7,"total_tokens":7}}"#;
-        assert_eq!(usage_in_tail(tail), Some(Usage { prompt: 7, completion: 0 }));
+        assert_eq!(usage_in_tail(tail), Some(Usage { prompt: 7, completion: 0, ..Usage::default() }));
         assert_eq!(usage_in_tail(br#"{"a":"\"usage\":{\"prompt_tokens\":9}"}"#), None);
     }
 }

@@ -64,6 +64,8 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod json;
+pub mod log;
+pub mod metrics;
 pub mod origin;
 pub mod pool;
 pub mod provider;

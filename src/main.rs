@@ -144,6 +144,19 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let metrics = proxy.config().metrics.clone();
+        if let (true, Some(at)) = (metrics.enabled, metrics.listen) {
+            match tokio::net::TcpListener::bind(at).await {
+                Ok(l) => {
+                    tracing::info!(listen = %l.local_addr().map_or(at, |a| a), path = metrics.path, "metrics listener ready");
+                    tokio::spawn(lmgate::server::serve_metrics(l, proxy.clone()));
+                }
+                Err(e) => {
+                    eprintln!("error: cannot listen on {at} (metrics.listen): {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         // SIGHUP reloads (and no longer ends the process) from here on.
         if let Some((source, watch)) = source {
             reload::spawn(proxy.clone(), source, watch);
@@ -153,7 +166,9 @@ fn main() -> ExitCode {
         println!("listening on {local}");
         let _ = std::io::stdout().flush();
         tracing::info!(%local, "lmgate ready");
-        lmgate::server::serve(listener, proxy, shutdown_signal()).await;
+        lmgate::server::serve(listener, proxy.clone(), shutdown_signal()).await;
+        // Records of the last requests are in the log before the process ends.
+        proxy.flush_log(std::time::Duration::from_secs(5));
         ExitCode::SUCCESS
     })
 }

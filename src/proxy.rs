@@ -25,6 +25,7 @@ use crate::budget::{Budget, Held};
 use crate::config::{Config, ConfigError, Group};
 use crate::error::{Dialect, Error, Kind};
 use crate::json::{self, RequestError, Usage};
+use crate::metrics::{self, InFlight, Metrics};
 use crate::origin;
 use crate::provider::{mock::Mock, Api, Call, Verdict};
 use crate::record::{Outcome as Ended, Record};
@@ -35,8 +36,20 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A non-stream response body up to this size is read whole before its head goes out, so its
+/// head can carry `x-lmgate-cost-usd`; a larger one is forwarded as it comes, without.
+const MAX_COSTED_BODY: usize = 1 << 20;
+
+/// The longest `x-request-id` kept from a client.
+const MAX_REQUEST_ID: usize = 128;
+
+/// An answer: the response, the usage known before its body is sent, and the upstream request
+/// it keeps in flight.
+type Answer = (Response<Body>, Option<Usage>, Option<InFlight>);
 
 /// The gateway: the current snapshot, and the state that outlives snapshots (the mock's), shared
 /// by all connections.
@@ -46,6 +59,8 @@ pub struct Proxy {
     draining: AtomicBool,
     /// Request bodies held across all requests in flight; outlives reloads.
     budget: Budget,
+    /// Every metric; outlives reloads.
+    metrics: Arc<Metrics>,
 }
 
 /// What a request path names.
@@ -55,6 +70,7 @@ enum Endpoint<'a> {
     Model(&'a str),
     Live,
     Ready,
+    Metrics,
 }
 
 impl Endpoint<'_> {
@@ -63,12 +79,20 @@ impl Endpoint<'_> {
             Endpoint::Api(api) => api.name(),
             Endpoint::Models | Endpoint::Model(_) => "models",
             Endpoint::Live | Endpoint::Ready => "health",
+            Endpoint::Metrics => "metrics",
         }
     }
 }
 
-/// Maps method and path to an endpoint; the `/v1` prefix is optional.
-fn endpoint<'a>(method: &Method, path: &'a str) -> Result<Endpoint<'a>, Error> {
+/// Maps method and path to an endpoint; the `/v1` prefix is optional. `metrics` is the scrape
+/// path when the main listener serves it.
+fn endpoint<'a>(method: &Method, path: &'a str, metrics: Option<&str>) -> Result<Endpoint<'a>, Error> {
+    if metrics == Some(path) {
+        return match *method {
+            Method::GET | Method::HEAD => Ok(Endpoint::Metrics),
+            _ => Err(Error::method_not_allowed(method, path)),
+        };
+    }
     let p = path.strip_prefix("/v1").filter(|p| p.starts_with('/')).unwrap_or(path);
     let (e, want) = match p.trim_end_matches('/') {
         "/chat/completions" => (Endpoint::Api(Api::Chat), Method::POST),
@@ -92,12 +116,14 @@ impl Proxy {
     /// Builds the proxy and one upstream transport per connection.
     pub fn new(config: Config) -> Result<Self, ConfigError> {
         let mock = Arc::new(Mock::default());
-        let snapshot = Snapshot::new(config, &mock, None)?;
+        let metrics = Arc::new(Metrics::default());
+        let snapshot = Snapshot::new(config, &mock, None, &metrics)?;
         Ok(Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             mock,
             draining: AtomicBool::new(false),
             budget: Budget::default(),
+            metrics,
         })
     }
 
@@ -110,7 +136,7 @@ impl Proxy {
     /// started with; connections whose transport is unchanged keep their pools.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
         let previous = self.snapshot.load_full();
-        let next = Snapshot::new(config, &self.mock, Some(&previous))?;
+        let next = Snapshot::new(config, &self.mock, Some(&previous), &self.metrics)?;
         self.snapshot.store(Arc::new(next));
         Ok(())
     }
@@ -118,6 +144,26 @@ impl Proxy {
     /// The snapshot requests are served from now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The scrape: `/metrics` in the OpenMetrics text format.
+    pub fn scrape(&self) -> Response<Body> {
+        let text = self.metrics.render(self.snapshot.load().config.clone());
+        let mut r = Response::new(Body::full(text));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
+        r
+    }
+
+    /// Waits (bounded) until the request log has written every record made so far.
+    pub fn flush_log(&self, within: Duration) {
+        if let Some(log) = &self.snapshot.load().log {
+            log.flush(within);
+        }
     }
 
     /// Marks the gateway as shutting down: `/health/ready` answers 503 from now on.
@@ -132,14 +178,17 @@ impl Proxy {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let snap = self.snapshot.load_full();
-        let (parts, body) = req.into_parts();
-        let ep = endpoint(&parts.method, parts.uri.path());
+        let (mut parts, body) = req.into_parts();
+        let request_id = request_id(&mut parts.headers);
+        let m = &snap.config.metrics;
+        let scrape_here = (m.enabled && m.listen.is_none()).then_some(m.path.as_str());
+        let ep = endpoint(&parts.method, parts.uri.path(), scrape_here);
         let name = ep.as_ref().map_or("unknown", Endpoint::name);
         let dialect = match &ep {
             Ok(Endpoint::Api(api)) => api.dialect(),
             _ => Dialect::Openai,
         };
-        let mut record = Record::new(snap.config.clone(), parts.method.clone(), parts.uri.clone(), name);
+        let mut record = Record::new(snap.clone(), parts.method.clone(), parts.uri.clone(), name, request_id.clone());
         let cfg = &*snap.config;
         // Browser origins and, when open on loopback, the Host: before anything else but health.
         let health = matches!(ep, Ok(Endpoint::Live | Endpoint::Ready));
@@ -162,9 +211,12 @@ impl Proxy {
                     Ok(json_response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"{\"status\":\"draining\"}")))
                 }
                 Ok(Endpoint::Ready) => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}"))),
+                // No key, as Prometheus expects; the README says what it exposes.
+                Ok(Endpoint::Metrics) => Ok(self.scrape()),
                 Ok(Endpoint::Api(api)) => match caller() {
                     Ok(c) => {
                         record.key = c.key;
+                        record.group = Some(c.group);
                         self.forward(&snap, api, c, &parts.headers, body, &mut record).await
                     }
                     Err(e) => Err(e),
@@ -187,13 +239,24 @@ impl Proxy {
                 response
             }
         };
+        let headers = response.headers_mut();
         if record.attempts > 1 {
-            response.headers_mut().insert("x-lmgate-attempts", HeaderValue::from(record.attempts));
+            headers.insert("x-lmgate-attempts", HeaderValue::from(record.attempts));
+        }
+        // Ours is the id the client gets; the upstream's own (its support id) is kept beside it.
+        if let Some(theirs) = headers.insert(X_REQUEST_ID, request_id).filter(|t| *t != headers[X_REQUEST_ID]) {
+            headers.insert("x-upstream-request-id", theirs);
+        }
+        if let Some(cost) = record.cost.filter(|_| !record.stream) {
+            if let Ok(v) = HeaderValue::from_str(&format!("{cost:.9}")) {
+                headers.insert("x-lmgate-cost-usd", v);
+            }
         }
         if let Some(o) = browser.filter(|_| !preflight) {
             origin::allow(&mut response, o);
         }
         record.status = response.status().as_u16();
+        record.head = Some(Instant::now());
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, body.with_record(record))
     }
@@ -256,22 +319,35 @@ impl Proxy {
             Some(_) => return Err(Error::invalid_request("`stream` must be a boolean.").param("stream")),
         };
         record.model = Some(model.clone());
+        record.bytes_in = body.len() as u64;
+        record.stream = stream;
         required_member(api, &fields, &body)?;
 
         let route = cfg.router.route(&model).ok_or_else(|| Error::model_not_found(&model))?;
+        record.route = Some(route.id);
         let call = Call { api, body: &body, fields: &fields, model: &model, fallback: false, stream, headers };
         let group = &cfg.groups[caller.group];
+        let waited = AtomicU64::new(0);
         let run = attempt::run(&cfg.router, route, &model, |target, name| {
-            Self::attempt(snap, group, Call { model: name, fallback: name != call.model, ..call }, target)
+            Self::attempt(snap, group, Call { model: name, fallback: name != call.model, ..call }, target, &waited)
         })
         .await;
+        record.upstream_wait = Duration::from_nanos(waited.load(Ordering::Relaxed));
         record.target = run.target;
-        record.connection = run.target.map(|(r, t)| cfg.router.routes()[r].targets[t].connection);
+        if let Some((r, t)) = run.target {
+            let target = &cfg.router.routes()[r].targets[t];
+            record.connection = Some(target.connection);
+            record.upstream_model = Some(target.model.as_ref().map_or_else(|| model.clone(), |m| m.name.clone()));
+        }
         record.attempts = run.attempts;
         record.retried = run.failed;
         record.lease = run.lease;
-        let (response, usage) = run.result?;
+        let (response, usage, in_flight) = run.result?;
+        record.in_flight = in_flight;
         record.usage = usage.or(record.usage);
+        if !stream {
+            record.price_usage();
+        }
         Ok(response)
     }
 
@@ -283,7 +359,8 @@ impl Proxy {
         group: &Group,
         call: Call<'_>,
         target: &Target,
-    ) -> Outcome<(Response<Body>, Option<Usage>)> {
+        waited: &AtomicU64,
+    ) -> Outcome<Answer> {
         let Some((conn, transport)) = snap.connection(target.connection) else {
             return Outcome::Skip(Error::unavailable("The route names an unknown connection."));
         };
@@ -300,30 +377,77 @@ impl Proxy {
             Err(e) => return Outcome::Skip(e),
         };
         let plan = prepared.plan;
-        let head = match transport.send(conn, prepared.request, plan.deadline).await {
-            Ok(head) => head,
-            Err(e) => return Outcome::failed(e),
-        };
-        match provider.classify(conn, head, &plan).await {
-            Verdict::Success(head) => match provider.respond(conn, head, &plan).await {
-                Ok(mut answer) => {
-                    if let (true, Some(within)) = (plan.stream, conn.timeouts.first_token) {
-                        if let Err(e) = answer.0.body_mut().first_bytes(within, &conn.name).await {
-                            return Outcome::failed(e);
-                        }
+        let upstream = snap.metrics.upstream(target.connection);
+        let in_flight = upstream.map(|u| u.start());
+        let sent = Instant::now();
+        let outcome = async {
+            let head = transport.send(conn, prepared.request, plan.deadline).await?;
+            Ok::<_, Error>(match provider.classify(conn, head, &plan).await {
+                Verdict::Success(head) => {
+                    let (mut response, mut usage) = provider.respond(conn, head, &plan).await?;
+                    let body = response.body_mut();
+                    match (plan.stream, conn.timeouts.first_token) {
+                        (true, Some(within)) => body.first_bytes(within, &conn.name).await?,
+                        (true, None) => {}
+                        // Read a small body whole, so its usage (and cost) is known before its head goes out.
+                        (false, _) => usage = body.settle(MAX_COSTED_BODY, &conn.name).await?.or(usage),
                     }
-                    Outcome::Success(answer)
+                    Outcome::Success((response, usage, in_flight))
                 }
-                Err(e) => Outcome::failed(e),
-            },
-            Verdict::Failure { error, relay: Some(head) } => {
-                let relay = provider.respond(conn, head, &plan).await.ok();
-                Outcome::Failure { error, relay }
-            }
-            Verdict::Failure { error, relay: None } => Outcome::failed(error),
+                Verdict::Failure { error, relay: Some(head) } => {
+                    let relay = provider.respond(conn, head, &plan).await.ok();
+                    Outcome::Failure { error, relay: relay.map(|(r, u)| (r, u, in_flight)) }
+                }
+                Verdict::Failure { error, relay: None } => Outcome::failed(error),
+            })
         }
+        .await
+        .unwrap_or_else(Outcome::failed);
+        waited.fetch_add(sent.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Some(u) = upstream {
+            u.attempted(attempt_outcome(&outcome));
+        }
+        outcome
     }
 }
+
+/// How an attempt went, for `lmgate_upstream_attempts_total`.
+fn attempt_outcome(outcome: &Outcome<Answer>) -> metrics::Attempt {
+    use metrics::Attempt;
+    let class = |status: StatusCode| if status.is_client_error() { Attempt::Status4xx } else { Attempt::Status5xx };
+    match outcome {
+        Outcome::Success(_) => Attempt::Ok,
+        Outcome::Failure { relay: Some((r, _, _)), .. } => class(r.status()),
+        Outcome::Failure { error, relay: None } => match error.kind {
+            Kind::UpstreamUnreachable => Attempt::ConnectError,
+            Kind::UpstreamTimeout => Attempt::Timeout,
+            Kind::UpstreamStatus | Kind::UpstreamAuth => class(error.status),
+            _ => Attempt::Error,
+        },
+        Outcome::Skip(_) => Attempt::Error,
+    }
+}
+
+/// The request's id: the client's `x-request-id` when it is sane (visible ASCII, at most
+/// [`MAX_REQUEST_ID`] bytes), else a new one (128 random bits, hex), set in `headers` so the
+/// providers send it upstream.
+fn request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let sane = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
+    };
+    let mut ids = headers.get_all(X_REQUEST_ID).iter();
+    if let (Some(v), None) = (ids.next(), ids.next()) {
+        if sane(v) {
+            return v.clone();
+        }
+    }
+    let id = HeaderValue::from_str(&format!("{:032x}", fastrand::u128(..))).expect("hex is a header value");
+    headers.insert(X_REQUEST_ID, id.clone());
+    id
+}
+
+const X_REQUEST_ID: &str = "x-request-id";
 
 /// The member each endpoint cannot do without, checked on the scan's ranges (no second pass): chat
 /// needs a non-empty `messages` array, completions a `prompt`, embeddings a non-empty `input`.
@@ -534,12 +658,12 @@ mod tests {
             (Method::GET, "/v1/models/org/model-x"),
             (Method::GET, "/health/ready"),
         ] {
-            assert!(endpoint(&m, p).is_ok(), "{m} {p}");
+            assert!(endpoint(&m, p, None).is_ok(), "{m} {p}");
         }
-        assert_eq!(endpoint(&Method::GET, "/v1/chat/completions").err().unwrap().status, 405);
-        assert_eq!(endpoint(&Method::POST, "/v2/x").err().unwrap().status, 404);
-        assert!(matches!(endpoint(&Method::GET, "/v1/models/"), Ok(Endpoint::Models)));
-        assert_eq!(endpoint(&Method::GET, "/v1/modelsx").err().unwrap().status, 404);
+        assert_eq!(endpoint(&Method::GET, "/v1/chat/completions", None).err().unwrap().status, 405);
+        assert_eq!(endpoint(&Method::POST, "/v2/x", None).err().unwrap().status, 404);
+        assert!(matches!(endpoint(&Method::GET, "/v1/models/", None), Ok(Endpoint::Models)));
+        assert_eq!(endpoint(&Method::GET, "/v1/modelsx", None).err().unwrap().status, 404);
     }
 
     fn config(text: &str) -> Config {

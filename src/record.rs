@@ -2,16 +2,19 @@
 //!
 //! The record travels with the response body and is written exactly once, when it is dropped:
 //! after the last byte went out, or when the client went away, or with the error response. So
-//! every exit path logs one line (and, later, settles limits and metrics) without any code path
-//! having to remember to. Nothing secret is in it: the method and path (never the query string,
+//! every exit path logs one line, counts its metrics and writes its request-log record without
+//! any code path having to remember to. Nothing secret is in it: the method and path (never the query string,
 //! where some clients put keys), model and connection names, numbers.
 
 use crate::auth::KeyId;
-use crate::config::Config;
 use crate::error::Error;
 use crate::json::Usage;
+use crate::log::Entry;
+use crate::metrics::{self, InFlight, Stream};
+use crate::snapshot::Snapshot;
+use http::HeaderValue;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 /// How a request ended, as far as the gateway can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,78 +30,209 @@ pub enum Outcome {
     ClientStalled,
 }
 
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::ClientGone => "client_gone",
+            Outcome::Complete => "complete",
+            Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::ClientStalled => "client_stalled",
+        }
+    }
+}
+
 /// The request's log record; written on drop.
 pub struct Record {
-    config: Arc<Config>,
+    snap: Arc<Snapshot>,
     started: Instant,
+    at: SystemTime,
     /// HTTP method.
     pub method: http::Method,
     /// The request URI; only its path is logged. A clone of the request's (shared bytes, no copy).
     pub uri: http::Uri,
-    /// Endpoint name (`chat`, `embeddings`, ...).
+    /// Endpoint name (`chat`, `embeddings`, ...; one of [`metrics::ENDPOINTS`]).
     pub endpoint: &'static str,
+    /// The request id (sent upstream and back to the client).
+    pub request_id: HeaderValue,
     /// Model as requested.
     pub model: Option<String>,
     /// The caller's key id (never the key), when keys are required.
     pub key: Option<KeyId>,
+    /// The caller's group id, once authenticated.
+    pub group: Option<usize>,
+    /// The route the requested model matched.
+    pub route: Option<usize>,
     /// Connection id of the last attempt.
     pub connection: Option<usize>,
     /// Route id and target index of the last attempt (the target that answered, if one did).
     pub target: Option<(usize, usize)>,
+    /// The model sent to the answering target.
+    pub upstream_model: Option<String>,
     /// The answering pooled target's lease: the request counts as in flight there until this
     /// record is written.
     pub lease: Option<crate::pool::Lease>,
+    /// The answering upstream request, in flight until this record is written.
+    pub in_flight: Option<InFlight>,
     /// Upstream attempts made.
     pub attempts: u32,
     /// The kinds of the failed attempts before the last one, oldest first.
     pub retried: Vec<crate::error::Kind>,
     /// Status sent to the client.
     pub status: u16,
+    /// Whether the response is a stream.
+    pub stream: bool,
     /// Token usage, when the upstream reported it.
     pub usage: Option<Usage>,
+    /// The cost of `usage`, once computed (for the `x-lmgate-cost-usd` header).
+    pub cost: Option<f64>,
     /// How it ended.
     pub outcome: Outcome,
     /// The error, when the gateway answered with or appended one.
     pub error: Option<Error>,
+    /// When the response head was ready.
+    pub head: Option<Instant>,
+    /// When the first body bytes went to the client.
+    pub first_frame: Option<Instant>,
+    /// Time spent waiting on upstreams for response heads (every attempt).
+    pub upstream_wait: Duration,
+    /// When the upstream's last body bytes arrived (passthrough bodies).
+    pub upstream_last: Option<Instant>,
+    /// Request body bytes.
+    pub bytes_in: u64,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
 }
 
 impl Record {
     /// Starts a record for a request.
-    pub fn new(config: Arc<Config>, method: http::Method, uri: http::Uri, endpoint: &'static str) -> Self {
+    pub fn new(
+        snap: Arc<Snapshot>,
+        method: http::Method,
+        uri: http::Uri,
+        endpoint: &'static str,
+        request_id: HeaderValue,
+    ) -> Self {
         Record {
-            config,
+            snap,
             started: Instant::now(),
+            at: SystemTime::now(),
             method,
             uri,
             endpoint,
+            request_id,
             model: None,
             key: None,
+            group: None,
+            route: None,
             connection: None,
             target: None,
+            upstream_model: None,
             lease: None,
+            in_flight: None,
             attempts: 0,
             retried: Vec::new(),
             status: 0,
+            stream: false,
             usage: None,
+            cost: None,
             outcome: Outcome::ClientGone,
             error: None,
+            head: None,
+            first_frame: None,
+            upstream_wait: Duration::ZERO,
+            upstream_last: None,
+            bytes_in: 0,
+            bytes_out: 0,
         }
     }
-}
 
-impl Drop for Record {
-    fn drop(&mut self) {
-        let connection = self.connection.and_then(|c| self.config.connections.get(c)).map(|c| c.name.as_str());
-        let target = self.target.and_then(|(r, t)| self.config.router.routes().get(r)?.targets.get(t));
+    /// The cost of the recorded usage at the answering target's price; `None` without usage or
+    /// price.
+    pub fn price_usage(&mut self) -> Option<f64> {
+        let usage = self.usage.as_ref()?;
+        let (r, t) = self.target?;
+        let price = self.snap.metrics.price(&self.snap.config, r, t, self.upstream_model.as_deref()?)?;
+        self.cost = price.cost(usage);
+        self.cost
+    }
+
+    /// The time the gateway itself added: the whole time, less the waits for response heads
+    /// and, for a forwarded body, the time between the head and the upstream's last bytes.
+    fn overhead(&self, total: Duration) -> Duration {
+        let body_wait = match (self.head, self.upstream_last) {
+            (Some(h), Some(l)) => l.saturating_duration_since(h),
+            _ => Duration::ZERO,
+        };
+        total.saturating_sub(self.upstream_wait).saturating_sub(body_wait)
+    }
+
+    fn metrics(&mut self, total: Duration, overhead: Duration) {
+        if self.usage.is_some() && self.cost.is_none() {
+            self.price_usage();
+        }
+        let m = &self.snap.metrics;
+        let e = metrics::endpoint_index(self.endpoint);
+        m.counts(e, self.route, self.connection, self.group).add(self.status, self.usage.as_ref(), self.cost);
+        let latency = m.latency(e, self.route);
+        latency.duration.observe(total);
+        latency.overhead.observe(overhead);
+        if self.stream && self.status < 300 {
+            if let Some(first) = self.first_frame {
+                latency.ttft.observe(first - self.started);
+            }
+            let kind = self.error.as_ref().map(|e| e.kind);
+            m.metrics().stream(match self.outcome {
+                Outcome::Complete => Stream::Complete,
+                Outcome::ClientGone => Stream::ClientGone,
+                Outcome::ClientStalled => Stream::ClientStalled,
+                Outcome::UpstreamFailed if kind == Some(crate::error::Kind::UpstreamTimeout) => Stream::IdleTimeout,
+                Outcome::UpstreamFailed => Stream::UpstreamError,
+            });
+        }
+    }
+
+    fn entry(&mut self, total: Duration, overhead: Duration) -> Entry {
+        let m = &self.snap.metrics;
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let since = |t: Option<Instant>| t.map(|t| ms(t - self.started));
+        let mut entry = Entry {
+            time: crate::log::rfc3339(self.at),
+            request_id: String::from_utf8_lossy(self.request_id.as_bytes()).into_owned(),
+            endpoint: self.endpoint,
+            group: self.group.and_then(|g| m.group_name(g)),
+            model: self.model.as_deref().map(|s| crate::error::clip(s).to_owned()),
+            route: self.route.and_then(|r| m.route_name(r)),
+            connection: self.connection.and_then(|c| m.connection_name(c)),
+            upstream_model: self.upstream_model.as_deref().map(|s| crate::error::clip(s).to_owned()),
+            status: self.status,
+            outcome: self.outcome.name(),
+            stream: self.stream,
+            attempts: self.attempts,
+            duration_ms: ms(total),
+            ttfb_ms: since(self.head),
+            ttft_ms: if self.stream { since(self.first_frame) } else { None },
+            overhead_ms: ms(overhead),
+            prompt_tokens: None,
+            completion_tokens: None,
+            cached_tokens: None,
+            cost_usd: self.cost,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            error: self.error.as_ref().map(|e| crate::error::clip(&e.message).to_owned()),
+            error_kind: self.error.as_ref().map(|e| e.kind.name()),
+        };
+        entry.usage(self.usage.as_ref());
+        entry
+    }
+
+    fn trace(&self, total: Duration) {
+        let config = &self.snap.config;
+        let connection = self.connection.and_then(|c| config.connections.get(c)).map(|c| c.name.as_str());
+        let target = self.target.and_then(|(r, t)| config.router.routes().get(r)?.targets.get(t));
         let target = target.map(|t| crate::error::clip(&t.label));
         let (prompt, completion) = self.usage.map_or((None, None), |u| (Some(u.prompt), Some(u.completion)));
-        let ms = self.started.elapsed().as_secs_f64() * 1e3;
-        let outcome = match self.outcome {
-            Outcome::ClientGone => "client_gone",
-            Outcome::Complete => "complete",
-            Outcome::UpstreamFailed => "upstream_failed",
-            Outcome::ClientStalled => "client_stalled",
-        };
+        let ms = total.as_secs_f64() * 1e3;
+        let outcome = self.outcome.name();
         let error = self.error.as_ref();
         let kind = error.map(|e| e.kind.name());
         let side = error.map(|e| e.side().name());
@@ -107,12 +241,14 @@ impl Drop for Record {
         let key = self.key.map(tracing::field::display);
         let retried: Vec<&str> = self.retried.iter().map(|k| k.name()).collect();
         let retried = (!retried.is_empty()).then(|| retried.join(","));
+        let request_id = String::from_utf8_lossy(self.request_id.as_bytes());
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
                     target: "lmgate::request",
                     method = %self.method,
                     path = crate::error::clip(self.uri.path()),
+                    request_id = &*request_id,
                     endpoint = self.endpoint,
                     model = self.model.as_deref().map(crate::error::clip),
                     connection,
@@ -140,10 +276,35 @@ impl Drop for Record {
     }
 }
 
+impl Drop for Record {
+    fn drop(&mut self) {
+        let total = self.started.elapsed();
+        let overhead = self.overhead(total);
+        self.metrics(total, overhead);
+        if self.snap.log.is_some() {
+            let entry = self.entry(total, overhead);
+            if let Some(log) = &self.snap.log {
+                log.write(entry);
+            }
+        }
+        self.trace(total);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use std::sync::Mutex;
+
+    fn snap(config: Config) -> Arc<Snapshot> {
+        let mock = Arc::new(crate::provider::mock::Mock::default());
+        Arc::new(Snapshot::new(config, &mock, None, &Arc::new(crate::metrics::Metrics::default())).unwrap())
+    }
+
+    fn id() -> HeaderValue {
+        HeaderValue::from_static("req-1")
+    }
 
     /// A log sink shared with the subscriber.
     #[derive(Clone, Default)]
@@ -175,12 +336,12 @@ mod tests {
             // while only the (absent) global subscriber existed; recompute it with ours.
             tracing::callsite::rebuild_interest_cache();
             let uri: http::Uri = "/v1/chat/completions?api-key=sk-query-secret".parse().unwrap();
-            let mut record = Record::new(Arc::new(config), http::Method::POST, uri, "chat");
+            let mut record = Record::new(snap(config), http::Method::POST, uri, "chat", id());
             record.model = Some("gpt-4o".into());
             record.connection = Some(0);
             record.target = Some((0, 0));
             record.status = 200;
-            record.usage = Some(Usage { prompt: 11, completion: 7 });
+            record.usage = Some(Usage { prompt: 11, completion: 7, ..Usage::default() });
             record.outcome = Outcome::Complete;
             record.key = Some(KeyId([0xab, 0, 1, 2, 3, 4, 5, 0xff]));
             record.attempts = 2;
@@ -226,7 +387,7 @@ mod tests {
             // while only the (absent) global subscriber existed; recompute it with ours.
             tracing::callsite::rebuild_interest_cache();
             let uri: http::Uri = format!("/v1/{}", "p".repeat(20_000)).parse().unwrap();
-            let mut record = Record::new(Arc::new(config), http::Method::POST, uri, "chat");
+            let mut record = Record::new(snap(config), http::Method::POST, uri, "chat", id());
             record.model = Some(long.clone());
             record.status = 404;
             record.error = Some(Error::model_not_found(&long));

@@ -54,6 +54,12 @@ impl Source {
 /// Reloads `proxy` from `source`. On success, returns the restart-only keys whose new values
 /// were not applied; on failure nothing changed.
 pub fn reload(proxy: &Proxy, source: &Source) -> Result<Vec<&'static str>, String> {
+    let result = apply(proxy, source);
+    proxy.metrics().reloaded(result.is_ok());
+    result
+}
+
+fn apply(proxy: &Proxy, source: &Source) -> Result<Vec<&'static str>, String> {
     let mut next = source.load()?;
     let now = proxy.config();
     let (old, new) = (&now.server, &mut next.server);
@@ -72,6 +78,8 @@ pub fn reload(proxy: &Proxy, source: &Source) -> Result<Vec<&'static str>, Strin
     new.max_connections = old.max_connections;
     new.max_request_head_bytes = old.max_request_head_bytes;
     new.h2_keepalive = old.h2_keepalive;
+    keep("metrics.listen", now.metrics.listen != next.metrics.listen);
+    next.metrics.listen = now.metrics.listen;
     // TLS cannot be turned on or off, but renewed files are taken.
     if old.tls.is_some() != new.tls.is_some() {
         new.tls = old.tls.clone();

@@ -513,6 +513,49 @@ impl AsyncWrite for Watched {
     }
 }
 
+/// Serves only the scrape, on `[metrics] listen`: a private address for Prometheus, apart from
+/// the clients' listener. Plain HTTP/1 and h2, every connection bounded by the header-read
+/// timeout; anything but `GET` or `HEAD` of the metrics path gets 404. Runs until the process
+/// ends.
+pub async fn serve_metrics(listener: TcpListener, proxy: Arc<Proxy>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        tune(&stream);
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let timeout = proxy.config().server.header_read_timeout;
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let proxy = proxy.clone();
+                async move {
+                    let config = proxy.config();
+                    let here = matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+                        && req.uri().path() == config.metrics.path;
+                    let response = if here {
+                        proxy.scrape()
+                    } else {
+                        let mut r = http::Response::new(crate::body::Body::full("not found\n"));
+                        *r.status_mut() = http::StatusCode::NOT_FOUND;
+                        r
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            // A scrape is one short exchange: a connection lives at most this long.
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(timeout.max(Duration::from_secs(1)) * 2, conn).await;
+        });
+    }
+}
+
 /// Keeps a timer due within a second pending at all times. When a worker that does not own the
 /// I/O driver sets a timer earlier than every pending one, Tokio wakes the driver's thread (an
 /// eventfd write plus an extra `epoll_wait`), and hyper sets a header-read timer for every

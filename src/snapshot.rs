@@ -12,6 +12,8 @@
 
 use crate::client::Transport;
 use crate::config::{Config, ConfigError, Connection};
+use crate::log::RequestLog;
+use crate::metrics::{Handles, Metrics};
 use crate::provider::mock::Mock;
 use std::sync::Arc;
 
@@ -21,6 +23,10 @@ pub struct Snapshot {
     /// The configuration.
     pub config: Arc<Config>,
     transports: Vec<Transport>,
+    /// This configuration's handles into the gateway's metrics.
+    pub metrics: Handles,
+    /// The request log, when `[log] requests` is set (kept across reloads that keep its path).
+    pub log: Option<Arc<RequestLog>>,
 }
 
 impl Snapshot {
@@ -28,7 +34,12 @@ impl Snapshot {
     /// same name that reach their upstream the same way; pooled targets keep the health
     /// (cooldowns, failures, latency) of `previous`'s targets of the same name whose connection
     /// is unchanged.
-    pub fn new(mut config: Config, mock: &Arc<Mock>, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
+    pub fn new(
+        mut config: Config,
+        mock: &Arc<Mock>,
+        previous: Option<&Snapshot>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Snapshot, ConfigError> {
         if let Some(p) = previous {
             let (connections, before) = (&config.connections, &p.config.connections);
             config.router.adopt_health(&p.config.router, |t| {
@@ -44,7 +55,21 @@ impl Snapshot {
                 None => Transport::new(conn, mock),
             })
             .collect::<Result<_, _>>()?;
-        Ok(Snapshot { config: Arc::new(config), transports })
+        let log = match &config.log.requests {
+            None => None,
+            Some(path) => match previous
+                .and_then(|p| p.log.as_ref())
+                .filter(|l| l.is(path, config.log.requests_max_bytes))
+            {
+                Some(kept) => Some(kept.clone()),
+                None => Some(Arc::new(
+                    RequestLog::start(path.clone(), config.log.requests_max_bytes, metrics.clone(), crate::log::QUEUE)
+                        .map_err(|e| ConfigError(format!("log.requests: cannot start the writer: {e}")))?,
+                )),
+            },
+        };
+        let handles = Handles::new(metrics.clone(), &config);
+        Ok(Snapshot { config: Arc::new(config), transports, metrics: handles, log })
     }
 
     /// The connection with id `id` and its transport.

@@ -11,6 +11,7 @@
 //! (requests routed there get 503 naming the variable); a missing variable in a group's
 //! `api_keys` is an error, so a typo can never leave the gateway open.
 
+pub mod observe;
 mod routing;
 
 use crate::auth::Keys;
@@ -86,6 +87,13 @@ pub struct RawConfig {
     cooldown: routing::RawCooldown,
     #[serde(default)]
     groups: IndexMap<String, RawGroup>,
+    #[serde(default)]
+    metrics: observe::RawMetrics,
+    #[serde(default)]
+    log: observe::RawLog,
+    /// Model pattern → USD per million tokens.
+    #[serde(default)]
+    prices: IndexMap<String, toml::Spanned<observe::RawPrice>>,
     /// The file's text, to give line numbers to errors found after parsing.
     #[serde(skip)]
     source: Option<String>,
@@ -255,6 +263,12 @@ pub struct Config {
     pub open_group: Option<usize>,
     /// Things an operator should know at start (disabled connections, open access).
     pub warnings: Vec<String>,
+    /// `[metrics]`.
+    pub metrics: observe::Metrics,
+    /// `[log]`.
+    pub log: observe::Log,
+    /// `[prices]`.
+    pub prices: observe::Prices,
 }
 
 /// `[server]`.
@@ -473,7 +487,17 @@ impl Config {
             None
         };
 
-        Ok(Config { server, connections, router, groups, keys, open_group, warnings })
+        let source = raw.source.as_deref();
+        let metrics = observe::compile_metrics(&raw.metrics, source)?;
+        if metrics.listen.is_some_and(|l| l == server.listen) {
+            return err(format!(
+                "metrics.listen: `{}` is also server.listen; leave it out to serve metrics there",
+                server.listen
+            ));
+        }
+        let log = observe::compile_log(&raw.log, source)?;
+        let prices = observe::compile_prices(&raw.prices, &connections, source)?;
+        Ok(Config { server, connections, router, groups, keys, open_group, warnings, metrics, log, prices })
     }
 
     /// A summary for `lmgate check`: never secret values.

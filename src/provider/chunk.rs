@@ -141,8 +141,12 @@ mod tests {
         p.chunk(&mut out, [&b"{\"index\":0,\"delta\":{\"role\":\"assistant\"}"[..], b",\"finish_reason\":null}"], true);
         write_delta_chunk(&p, &mut out, &[b"{\"content\":", b"\"hi\"", b"}"], None, false);
         write_delta_chunk(&p, &mut out, &[b"{}"], Some("stop"), true);
-        p.usage_chunk(&mut out, Usage { prompt: 3, completion: 4 }, Some(1));
-        p.usage_chunk(&mut out, Usage { prompt: 0, completion: 18_446_744_073_709_551_615 - 1 }, None);
+        p.usage_chunk(&mut out, Usage { prompt: 3, completion: 4, ..Usage::default() }, Some(1));
+        p.usage_chunk(
+            &mut out,
+            Usage { prompt: 0, completion: 18_446_744_073_709_551_615 - 1, ..Usage::default() },
+            None,
+        );
         let head = json!({"id":"chatcmpl-1","object":"chat.completion.chunk","created":7,"model":"m\"x"});
         let with = |extra: Value| {
             let mut v = head.clone();

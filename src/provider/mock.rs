@@ -212,7 +212,7 @@ impl Mock {
                     id,
                     created: super::unix_now(),
                     chunks,
-                    usage: Usage { prompt, completion: chunks as u64 },
+                    usage: Usage { prompt, completion: chunks as u64, ..Usage::default() },
                 };
                 let response = if req.stream {
                     sse_response(reply.stream(req.include_usage), delay)
@@ -261,7 +261,10 @@ impl Mock {
             format!(",\"usage\":{{\"prompt_tokens\":{prompt},\"total_tokens\":{prompt}}}}}").as_bytes(),
         );
         parts.push(Bytes::from(head));
-        Ok(Answer { response: json_response(StatusCode::OK, parts), usage: Usage { prompt, completion: 0 } })
+        Ok(Answer {
+            response: json_response(StatusCode::OK, parts),
+            usage: Usage { prompt, completion: 0, ..Usage::default() },
+        })
     }
 
     /// A unit vector derived from `seed`, rendered as a JSON array or a base64 string token.
@@ -584,7 +587,14 @@ mod tests {
     use serde_json::Value;
 
     fn reply(api: Api, chunks: usize) -> Reply<'static> {
-        Reply { api, model: "m", id: 1, created: 2, chunks, usage: Usage { prompt: 3, completion: chunks as u64 } }
+        Reply {
+            api,
+            model: "m",
+            id: 1,
+            created: 2,
+            chunks,
+            usage: Usage { prompt: 3, completion: chunks as u64, ..Usage::default() },
+        }
     }
 
     #[test]

@@ -68,6 +68,8 @@ async fn upstream_gets_the_clients_body_and_allowed_headers_with_only_the_gatewa
         assert_eq!(req.header("idempotency-key"), "idem-42");
         assert_eq!(req.header("accept"), "application/json");
         assert_eq!(req.header("x-trace-id"), "trace-1", "forward_headers pattern");
+        let id = req.header("x-request-id");
+        assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "a generated request id: {id}");
         assert_eq!(
             req.header_names(),
             [
@@ -80,6 +82,7 @@ async fn upstream_gets_the_clients_body_and_allowed_headers_with_only_the_gatewa
                 "idempotency-key",
                 "openai-beta",
                 "user-agent",
+                "x-request-id",
                 "x-trace-id"
             ],
             "{head}"

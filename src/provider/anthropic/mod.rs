@@ -340,6 +340,8 @@ impl UsageJson {
                 .saturating_add(n(self.cache_read_input_tokens))
                 .saturating_add(n(self.cache_creation_input_tokens)),
             completion: n(self.output_tokens),
+            cached: n(self.cache_read_input_tokens),
+            cache_write: n(self.cache_creation_input_tokens),
         }
     }
 }
@@ -388,7 +390,7 @@ mod tests {
                 "usage":{"prompt_tokens":7,"completion_tokens":11,"total_tokens":18,
                     "prompt_tokens_details":{"cached_tokens":0}}})
         );
-        assert_eq!(usage, Usage { prompt: 7, completion: 11 });
+        assert_eq!(usage, Usage { prompt: 7, completion: 11, ..Usage::default() });
         assert!(!got.to_string().contains("EqQBsecret") && !got.to_string().contains("opaque"));
     }
 
@@ -416,7 +418,7 @@ mod tests {
             json!({"prompt_tokens":3210,"completion_tokens":42,"total_tokens":3252,
                 "prompt_tokens_details":{"cached_tokens":3000}})
         );
-        assert_eq!(recorded, Usage { prompt: 3210, completion: 42 });
+        assert_eq!(recorded, Usage { prompt: 3210, completion: 42, cached: 3000, cache_write: 200 });
     }
 
     #[test]
@@ -472,7 +474,7 @@ mod tests {
         let max = u64::MAX;
         let usage = json!({"input_tokens":max,"cache_read_input_tokens":max,"cache_creation_input_tokens":1,"output_tokens":max});
         let (got, recorded) = completion(msg(json!([{"type":"text","text":"x"}]), "end_turn", usage));
-        assert_eq!(recorded, Usage { prompt: max, completion: max });
+        assert_eq!(recorded, Usage { prompt: max, completion: max, cached: max, cache_write: 1 });
         assert_eq!(got["usage"]["total_tokens"], max);
     }
 

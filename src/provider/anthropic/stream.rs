@@ -79,7 +79,7 @@ impl Tokens {
     fn usage(&self) -> Usage {
         // Saturating: the counts are the upstream's, and a hostile one may send u64::MAX.
         let prompt = self.input.saturating_add(self.cache_read).saturating_add(self.cache_creation);
-        Usage { prompt, completion: self.output }
+        Usage { prompt, completion: self.output, cached: self.cache_read, cache_write: self.cache_creation }
     }
 }
 
@@ -574,7 +574,7 @@ mod tests {
                 json!("[DONE]"),
             ]
         );
-        assert_eq!(s.usage(), Some(Usage { prompt: 3210, completion: 42 }));
+        assert_eq!(s.usage(), Some(Usage { prompt: 3210, completion: 42, cached: 3000, cache_write: 200 }));
     }
 
     #[test]
@@ -587,7 +587,7 @@ mod tests {
         ];
         let (got, error, s) = run(&events, true);
         assert!(error.is_none());
-        assert_eq!(s.usage(), Some(Usage { prompt: max, completion: max }));
+        assert_eq!(s.usage(), Some(Usage { prompt: max, completion: max, cached: 1, cache_write: max }));
         assert_eq!(got[2]["usage"]["total_tokens"], max);
     }
 
