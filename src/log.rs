@@ -28,7 +28,7 @@ pub struct Entry {
     pub time: String,
     /// The request id (the client's `x-request-id` if sane, else generated).
     pub request_id: String,
-    /// `chat`, `completions`, `embeddings`, `models`, `health` or `unknown`.
+    /// `chat`, `completions`, `embeddings`, `models`, `health`, `metrics` or `unknown`.
     pub endpoint: &'static str,
     /// The caller's group (never the key).
     pub group: Option<Arc<str>>,

@@ -28,7 +28,7 @@ use std::time::Duration;
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Endpoint label values; [`crate::record::Record::endpoint`] is one of them.
-pub const ENDPOINTS: [&str; 6] = ["chat", "completions", "embeddings", "models", "health", "unknown"];
+pub const ENDPOINTS: [&str; 7] = ["chat", "completions", "embeddings", "models", "health", "metrics", "unknown"];
 
 /// Status codes counted under their own value; any other is counted under its class (`4xx`).
 const CODES: [u16; 18] = [200, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 431, 500, 502, 503, 504, 529];

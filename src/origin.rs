@@ -24,8 +24,8 @@ use std::net::IpAddr;
 
 /// Response headers a browser client may read (request ids for support, the rate-limit family
 /// SDKs back off on).
-const EXPOSED: &str = "x-request-id, request-id, openai-processing-ms, retry-after, retry-after-ms, \
-                       x-ratelimit-limit-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-requests, \
+const EXPOSED: &str = "x-request-id, x-upstream-request-id, request-id, openai-processing-ms, retry-after, \
+                       retry-after-ms, x-lmgate-cost-usd, x-lmgate-attempts, x-ratelimit-limit-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-requests, \
                        x-ratelimit-remaining-tokens, x-ratelimit-reset-requests, x-ratelimit-reset-tokens";
 
 /// How long a browser may cache a preflight answer, in seconds.

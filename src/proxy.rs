@@ -709,6 +709,127 @@ mod tests {
         assert!(!proxy.snapshot().kept_transport(0, &after));
     }
 
+    /// A request with `headers` and `body` to `path`, answered and read to the end.
+    async fn exchange(proxy: &Proxy, path: &str, headers: &[(&str, &str)], body: &str) -> Response<Bytes> {
+        let mut req = Request::post(path);
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let resp = proxy.handle(req.body(http_body_util::Full::new(Bytes::from(body.to_owned()))).unwrap()).await;
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    }
+
+    /// `GET /metrics`.
+    async fn scrape(proxy: &Proxy) -> String {
+        let resp = proxy.handle(Request::get("/metrics").body(http_body_util::Empty::<Bytes>::new()).unwrap()).await;
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], metrics::CONTENT_TYPE);
+        String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    /// The value of the sample `line` (name and labels as rendered) in a scrape, 0 if absent.
+    fn sample(text: &str, line: &str) -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+    }
+
+    const MOCK_PRICED: &str = "[connections.mk]\napi_type = \"mock\"\n[routing]\n\"m-*\" = \"mk.*\"\n\
+                               [prices]\n\"m-*\" = { input = 1.0, output = 2.0 }\n";
+
+    #[tokio::test]
+    async fn counters_tokens_and_cost_add_up_and_a_non_stream_answer_carries_its_cost() {
+        let proxy = Proxy::new(config(MOCK_PRICED)).unwrap();
+        let chat = r#"{"model":"m-1","messages":[{"role":"user","content":"Hello"}]}"#;
+        let mut spent = 0.0;
+        let (mut prompt, mut completion) = (0, 0);
+        for _ in 0..3 {
+            let resp = exchange(&proxy, "/v1/chat/completions", &[], chat).await;
+            assert_eq!(resp.status(), 200);
+            let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+            let (p, c) =
+                (v["usage"]["prompt_tokens"].as_u64().unwrap(), v["usage"]["completion_tokens"].as_u64().unwrap());
+            (prompt, completion) = (prompt + p, completion + c);
+            let want = (p as f64 * 1.0 + c as f64 * 2.0) / 1e6;
+            let header = resp.headers()["x-lmgate-cost-usd"].to_str().unwrap().parse::<f64>().unwrap();
+            assert!((header - want).abs() < 1e-12, "{header} vs {want}");
+            spent += want;
+        }
+        let stream = r#"{"model":"m-1","stream":true,"messages":[{"role":"user","content":"Hello"}]}"#;
+        let resp = exchange(&proxy, "/v1/chat/completions", &[], stream).await;
+        assert!(resp.headers().get("x-lmgate-cost-usd").is_none(), "a stream's cost is known after its head");
+        assert_eq!(
+            exchange(&proxy, "/v1/chat/completions", &[], r#"{"model":"zzz","messages":[1]}"#).await.status(),
+            404
+        );
+        assert_eq!(exchange(&proxy, "/v1/chat/completions", &[], "{").await.status(), 400);
+        let status = exchange(&proxy, "/v1/chat/completions", &[("x-mock-status", "503")], chat).await.status();
+        assert_eq!(status, 503);
+
+        let text = scrape(&proxy).await;
+        let req = |route: &str, conn: &str, code: &str| {
+            let line = format!(
+                "lmgate_requests_total{{endpoint=\"chat\",route=\"{route}\",connection=\"{conn}\",group=\"open\",code=\"{code}\"}}"
+            );
+            sample(&text, &line)
+        };
+        assert_eq!(req("m-*", "mk", "200"), 4.0, "{text}");
+        assert_eq!(req("m-*", "mk", "503"), 1.0);
+        assert_eq!(req("", "", "404"), 1.0);
+        assert_eq!(req("", "", "400"), 1.0);
+        let tokens = |kind: &str| {
+            sample(
+                &text,
+                &format!("lmgate_tokens_total{{route=\"m-*\",connection=\"mk\",group=\"open\",kind=\"{kind}\"}}"),
+            )
+        };
+        // The stream's usage (the mock reports it) counts too.
+        assert!(tokens("prompt") > prompt as f64 && tokens("completion") > completion as f64, "{text}");
+        let cost = sample(&text, "lmgate_cost_usd_total{route=\"m-*\",group=\"open\"}");
+        let stream_cost = ((tokens("prompt") - prompt as f64) + 2.0 * (tokens("completion") - completion as f64)) / 1e6;
+        assert!((cost - (spent + stream_cost)).abs() < 1e-9, "{cost} vs {spent} + {stream_cost}");
+        assert_eq!(sample(&text, "lmgate_stream_outcomes_total{outcome=\"complete\"}"), 1.0);
+        assert_eq!(sample(&text, "lmgate_upstream_attempts_total{connection=\"mk\",outcome=\"ok\"}"), 4.0);
+        assert_eq!(sample(&text, "lmgate_upstream_attempts_total{connection=\"mk\",outcome=\"5xx\"}"), 1.0);
+        assert_eq!(sample(&text, "lmgate_upstream_in_flight{connection=\"mk\"}"), 0.0);
+        assert_eq!(sample(&text, "lmgate_request_duration_seconds_count{endpoint=\"chat\",route=\"m-*\"}"), 5.0);
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[tokio::test]
+    async fn ten_thousand_unknown_model_names_add_no_series() {
+        let proxy = Proxy::new(config(MOCK_PRICED)).unwrap();
+        let series = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+        let body = |m: &str| format!("{{\"model\":\"{m}\",\"messages\":[{{\"role\":\"user\",\"content\":\"x\"}}]}}");
+        assert_eq!(exchange(&proxy, "/v1/chat/completions", &[], &body("nope-0")).await.status(), 404);
+        // A scrape is a request too: the first one's own series are in from the second on.
+        scrape(&proxy).await;
+        let before = scrape(&proxy).await;
+        for i in 1..=10_000 {
+            assert_eq!(exchange(&proxy, "/v1/chat/completions", &[], &body(&format!("model-{i}"))).await.status(), 404);
+        }
+        let after = scrape(&proxy).await;
+        assert_eq!(series(&before), series(&after), "{after}");
+        assert!(!after.contains("model-1"));
+        let line = "lmgate_requests_total{endpoint=\"chat\",route=\"\",connection=\"\",group=\"open\",code=\"404\"}";
+        assert_eq!(sample(&after, line), 10_001.0);
+    }
+
+    #[tokio::test]
+    async fn a_sane_request_id_is_kept_and_any_other_replaced() {
+        let proxy = Proxy::new(config(MOCK_PRICED)).unwrap();
+        let chat = r#"{"model":"m-1","messages":[{"role":"user","content":"Hello"}]}"#;
+        let id = |resp: &Response<Bytes>| resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let resp = exchange(&proxy, "/v1/chat/completions", &[("x-request-id", "trace-42_a.b")], chat).await;
+        assert_eq!(id(&resp), "trace-42_a.b");
+        let long = "x".repeat(129);
+        for bad in [long.as_str(), "has space", ""] {
+            let resp = exchange(&proxy, "/v1/chat/completions", &[("x-request-id", bad)], chat).await;
+            let got = id(&resp);
+            assert!(got.len() == 32 && got.bytes().all(|b| b.is_ascii_hexdigit()), "{bad:?} -> {got}");
+        }
+        let (a, b) = (exchange(&proxy, "/v1/models", &[], "").await, exchange(&proxy, "/v1/models", &[], "").await);
+        assert_ne!(id(&a), id(&b), "generated ids differ");
+    }
+
     #[test]
     fn model_ids_are_percent_decoded_and_bad_escapes_refused() {
         assert_eq!(percent_decode("gpt-4o").as_deref(), Some("gpt-4o"));

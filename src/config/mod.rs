@@ -569,6 +569,24 @@ impl Config {
             }
             s.push('\n');
         }
+        let m = &self.metrics;
+        match (m.enabled, m.listen) {
+            (false, _) => s.push_str("metrics: off\n"),
+            (true, None) => {
+                let _ = writeln!(s, "metrics: {} on {} (no key needed)", m.path, self.server.listen);
+            }
+            (true, Some(l)) => {
+                let _ = writeln!(s, "metrics: {} on {l} (no key needed)", m.path);
+            }
+        }
+        match &self.log.requests {
+            None => s.push_str("request log: off\n"),
+            Some(p) => {
+                let mb = self.log.requests_max_bytes >> 20;
+                let _ = writeln!(s, "request log: {} (rotated past {mb} MB, {} kept)", p.display(), observe::LOG_KEEP);
+            }
+        }
+        let _ = writeln!(s, "prices: {}", self.prices.len());
         for w in &self.warnings {
             let _ = writeln!(s, "warning: {w}");
         }

@@ -94,6 +94,11 @@ impl Prices {
             .map(|e| &e.price)
     }
 
+    /// How many prices are configured.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     /// Whether no price is configured.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -222,5 +227,90 @@ impl Price {
             + part(usage.cache_write, self.cache_write_input)?
             + part(usage.completion, self.output)?;
         Some(total / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::json::Usage;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, &|_: &str| -> Option<String> { None }).map_err(|e| e.0)
+    }
+
+    const CONNS: &str = "[connections.openai]\napi_type = \"openai\"\napi_key = \"k\"\n\
+                         [connections.anthropic]\napi_type = \"anthropic\"\napi_key = \"k\"\n";
+
+    #[test]
+    fn defaults_serve_metrics_on_the_main_listener_and_write_no_log() {
+        let c = parse("").unwrap();
+        assert!(c.metrics.enabled && c.metrics.listen.is_none());
+        assert_eq!(c.metrics.path, "/metrics");
+        assert_eq!((c.log.requests.as_ref(), c.log.requests_max_bytes), (None, 100 << 20));
+        assert!(c.prices.is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_key_and_line() {
+        let cases = [
+            ("[prices]\n\"gpt-4o\" = { input = -1.0, output = 10.0 }\n", "prices.\"gpt-4o\".input (line 2): -1"),
+            ("[prices]\n\"m\" = { input = 1.0, outptu = 2.0 }\n", "line 2"),
+            ("[prices]\n\"m\" = { input = 1.0, output = nan }\n", "prices.\"m\".output (line 2)"),
+            ("[prices]\n\"m\" = { cached_input = 1.0 }\n", "prices.\"m\" (line 2): give at least"),
+            ("[log]\nrequests = \"/nonexistent-dir-x/requests.jsonl\"\n", "log.requests (line 2): the directory"),
+            ("[log]\nrequests = \"r.jsonl\"\nrequests_max_mb = 0\n", "log.requests_max_mb (line 3)"),
+            ("[metrics]\npath = \"metrics\"\n", "metrics.path (line 2)"),
+            ("[metrics]\npath = \"/v1/metrics\"\n", "metrics.path (line 2): `/v1/metrics` is one of the API's"),
+            ("[metrics]\nlisten = \"nowhere\"\n", "metrics.listen (line 2)"),
+            ("[server]\nlisten = \"127.0.0.1:4000\"\n[metrics]\nlisten = \"127.0.0.1:4000\"\n", "metrics.listen"),
+            ("[metrics]\nenabeld = true\n", "line 2"),
+        ];
+        for (text, want) in cases {
+            let e = parse(text).err().unwrap_or_else(|| panic!("accepted: {text}"));
+            assert!(e.contains(want), "{text}\n-> {e}\nwanted: {want}");
+        }
+    }
+
+    #[test]
+    fn a_price_is_found_by_connection_then_exactness_then_length() {
+        let c = parse(&format!(
+            "{CONNS}[prices]\n\"gpt-4o*\" = {{ input = 2.5, output = 10.0 }}\n\"gpt-4o-mini*\" = {{ input = 0.15, output = 0.6 }}\n\
+             \"gpt-4o-mini\" = {{ input = 0.1, output = 0.5 }}\n\"openai.gpt-4o*\" = {{ input = 3.0, output = 12.0 }}\n\
+             \"gpt-4.1\" = {{ input = 2.0, output = 8.0 }}\n"
+        ))
+        .unwrap();
+        let input = |conn: usize, model: &str| c.prices.find(conn, model).and_then(|p| p.input);
+        assert_eq!(input(0, "gpt-4o-2024-08-06"), Some(3.0), "conn.model first");
+        assert_eq!(input(1, "gpt-4o-2024-08-06"), Some(2.5));
+        assert_eq!(input(1, "gpt-4o-mini"), Some(0.1), "exact before wildcard");
+        assert_eq!(input(1, "gpt-4o-mini-2024"), Some(0.15), "longer pattern first");
+        assert_eq!(input(1, "gpt-4.1"), Some(2.0), "a dotted model name, not a connection");
+        assert_eq!(input(1, "claude-x"), None);
+    }
+
+    #[test]
+    fn cost_counts_cached_reads_and_cache_writes_out_of_the_prompt_once() {
+        let c = parse(
+            "[prices]\n\"a\" = { input = 2.5, cached_input = 1.25, output = 10.0 }\n\
+             \"b\" = { input = 3.0, cached_input = 0.3, cache_write_input = 3.75, output = 15.0 }\n\
+             \"e\" = { input = 0.02 }\n\"o\" = { input = 1.0, output = 4.0 }\n",
+        )
+        .unwrap();
+        let cost = |m: &str, prompt, cached, cache_write, completion| {
+            c.prices.find(0, m).unwrap().cost(&Usage { prompt, completion, cached, cache_write })
+        };
+        let close = |got: Option<f64>, want: f64| got.is_some_and(|g| (g - want).abs() < 1e-12);
+        // (1000 - 400) x 2.5 + 400 x 1.25 + 200 x 10 = 1500 + 500 + 2000 micro-USD per token-million.
+        assert!(close(cost("a", 1000, 400, 0, 200), 0.004), "{:?}", cost("a", 1000, 400, 0, 200));
+        // Anthropic: 3210 prompt = 10 fresh + 3000 read + 200 written; 42 out.
+        // 10 x 3 + 3000 x 0.3 + 200 x 3.75 + 42 x 15 = 30 + 900 + 750 + 630 = 2310 -> 0.00231.
+        assert!(close(cost("b", 3210, 3000, 200, 42), 0.00231), "{:?}", cost("b", 3210, 3000, 200, 42));
+        // Embeddings: input only.
+        assert!(close(cost("e", 1_000_000, 0, 0, 0), 0.02));
+        // No cached price: cached tokens at the input price.
+        assert!(close(cost("o", 100, 50, 0, 10), (50.0 + 50.0 + 40.0) / 1e6));
+        // Completion tokens and no output price: no cost, never a guess.
+        assert_eq!(cost("e", 10, 0, 0, 5), None);
     }
 }
