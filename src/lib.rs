@@ -8,8 +8,8 @@
 //!   shutdown.
 //! - [`snapshot`]: one configuration and the upstream transports built for it, swapped whole
 //!   ([`proxy::Proxy::reload`], driven by [`reload`]: SIGHUP, `--watch`); each request loads it
-//!   once. State that must survive a reload (the mock's cache, pooled targets' health; later
-//!   limits, spend, metrics) is kept by name.
+//!   once. State that must survive a reload (the mock's cache, pooled targets' health, metric
+//!   cells, the request log's writer; later limits) is kept by name.
 //! - [`proxy`]: `Proxy::handle` and `Proxy::forward`, the whole request flow top to bottom:
 //!   authenticate → read the body → scan → route → the attempt loop → respond.
 //! - [`budget`]: the request-body bytes held across all requests (`max_buffered_request_mb`).
@@ -32,18 +32,22 @@
 //!   translator + reused buffer), chunks, full; the stream guard that writes the record on drop.
 //! - [`sse`]: the WHATWG event-stream decoder, event boundaries for passthrough, NDJSON lines,
 //!   the decoder per framing.
-//! - [`record`]: one log record per request (key id, connection, attempts, error kind and side),
-//!   written once on drop.
+//! - [`record`]: one record per request (request id, key id, route, connection, attempts, usage,
+//!   timings, error kind and side), written once on drop: the log line, the metrics, the
+//!   request-log entry.
+//! - [`metrics`]: Prometheus metrics: per-snapshot handles to lock-free cells kept by label
+//!   values; the scrape (OpenMetrics text).
+//! - [`log`]: the JSON-lines request log: a bounded queue to a writer thread, rotation.
 //! - [`config`]: TOML → validated `Config`; `env:` secrets; lm-proxy compatibility; each
-//!   provider compiles its own keys.
+//!   provider compiles its own keys; `[metrics]`, `[log]` and `[prices]` ([`config::observe`]).
 //! - [`error`]: errors of a closed set of kinds, with side, retry safety and status, rendered
 //!   per dialect.
 //! - [`bench`]: `lmgate bench`, the load generator and latency meter (closed/open loop,
 //!   HDR percentiles, `--compare` against a direct upstream).
 //!
 //! Where the planned work plugs in: limits → one step between routing and the attempt loop, keyed by
-//! [`auth::KeyId`] and names, state outside the snapshot; metrics → the record's drop, labelled
-//! by [`error::Kind`] and [`error::Side`]; a new provider → one file under [`provider`] and a
+//! [`auth::KeyId`] and names, state outside the snapshot (budgets read the cost the record
+//! computes); a new provider → one file under [`provider`] and a
 //! variant; embeddings fan-out → several `prepare`/`send` per call inside one attempt;
 //! an Anthropic-shaped front door → an
 //! endpoint with its own [`error::Dialect`].

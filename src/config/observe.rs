@@ -313,4 +313,22 @@ mod tests {
         // Completion tokens and no output price: no cost, never a guess.
         assert_eq!(cost("e", 10, 0, 0, 5), None);
     }
+
+    #[test]
+    fn the_shipped_prices_pick_the_most_specific_entry() {
+        let c = parse(include_str!("../../config.toml")).unwrap();
+        let openai = c.connections.iter().position(|x| x.name == "openai").unwrap();
+        let anthropic = c.connections.iter().position(|x| x.name == "anthropic").unwrap();
+        let price = |conn: usize, m: &str| c.prices.find(conn, m).map(|p| (p.input, p.output));
+        assert_eq!(price(openai, "gpt-4o-2024-08-06"), Some((Some(2.5), Some(10.0))));
+        assert_eq!(price(openai, "gpt-4o-mini"), Some((Some(0.15), Some(0.6))));
+        assert_eq!(price(openai, "gpt-4.1-nano-2025-04-14"), Some((Some(0.1), Some(0.4))));
+        assert_eq!(price(openai, "gpt-5"), Some((Some(1.25), Some(10.0))));
+        assert_eq!(price(openai, "gpt-5-mini"), Some((Some(0.25), Some(2.0))));
+        assert_eq!(price(openai, "text-embedding-3-small"), Some((Some(0.02), None)));
+        assert_eq!(price(anthropic, "claude-opus-4-5-20251101"), Some((Some(5.0), Some(25.0))));
+        assert_eq!(price(anthropic, "claude-opus-4-1-20250805"), Some((Some(15.0), Some(75.0))));
+        assert_eq!(price(anthropic, "claude-sonnet-4-5"), Some((Some(3.0), Some(15.0))));
+        assert_eq!(price(openai, "gpt-3.5-turbo"), None, "no price is guessed");
+    }
 }
