@@ -48,6 +48,9 @@ api_base = "http://127.0.0.1:$MOCK_PORT/v1"
 forward_headers = ["x-mock-*"]
 [routing]
 "*" = "up.*"
+# Observability on, as it runs in production: metrics (on by default) and the request log.
+[log]
+requests = "$OUT/requests.jsonl"
 EOF
 
 # nginx_conf EXTRA: one worker; EXTRA adds main-context lines (e.g. `master_process off;`).

@@ -278,10 +278,14 @@ impl Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
+        // The upstream request is over before it is counted: a scrape never sees it both done
+        // and in flight.
+        self.in_flight = None;
         let total = self.started.elapsed();
         let overhead = self.overhead(total);
         self.metrics(total, overhead);
-        if self.snap.log.is_some() {
+        // Probes and scrapes come every few seconds: counted in the metrics, not logged.
+        if self.snap.log.is_some() && !matches!(self.endpoint, "health" | "metrics") {
             let entry = self.entry(total, overhead);
             if let Some(log) = &self.snap.log {
                 log.write(entry);
@@ -320,6 +324,29 @@ mod tests {
         }
     }
 
+    /// The log line `make`'s record writes when dropped. Tests run in parallel threads, and the
+    /// interest of the line's callsite (and the global maximum level) is process-wide: another
+    /// thread can recompute it while only the absent global subscriber exists. So the record is
+    /// built first, the interest recomputed with ours just before the drop, and a lost line is
+    /// tried again.
+    fn line_of(make: impl Fn() -> Record) -> String {
+        for _ in 0..50 {
+            let record = make();
+            let sink = Sink::default();
+            let writer = sink.clone();
+            let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::callsite::rebuild_interest_cache();
+                drop(record);
+            });
+            let line = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+            if !line.is_empty() {
+                return line;
+            }
+        }
+        panic!("no log line in 50 tries");
+    }
+
     #[test]
     fn the_request_line_has_method_path_model_key_id_connection_status_tokens_and_error_kind_but_no_query_or_key() {
         let config = Config::parse(
@@ -328,15 +355,10 @@ mod tests {
             &|_: &str| -> Option<String> { None },
         )
         .unwrap();
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
-        tracing::subscriber::with_default(subscriber, || {
-            // Another test thread may have cached the log callsite's interest as "never"
-            // while only the (absent) global subscriber existed; recompute it with ours.
-            tracing::callsite::rebuild_interest_cache();
+        let snap = snap(config);
+        let line = line_of(|| {
             let uri: http::Uri = "/v1/chat/completions?api-key=sk-query-secret".parse().unwrap();
-            let mut record = Record::new(snap(config), http::Method::POST, uri, "chat", id());
+            let mut record = Record::new(snap.clone(), http::Method::POST, uri, "chat", id());
             record.model = Some("gpt-4o".into());
             record.connection = Some(0);
             record.target = Some((0, 0));
@@ -349,8 +371,8 @@ mod tests {
             let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
             record.error =
                 Some(Error::upstream_failure(crate::error::Kind::UpstreamClosed, "closed early").caused_by(reset));
+            record
         });
-        let line = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         for field in [
             "method=POST",
             "path=\"/v1/chat/completions\"",
@@ -378,21 +400,16 @@ mod tests {
     #[test]
     fn no_request_makes_a_log_line_longer_than_4_kib() {
         let config = Config::parse("", &|_: &str| -> Option<String> { None }).unwrap();
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
         let long = "é".repeat(20_000);
-        tracing::subscriber::with_default(subscriber, || {
-            // Another test thread may have cached the log callsite's interest as "never"
-            // while only the (absent) global subscriber existed; recompute it with ours.
-            tracing::callsite::rebuild_interest_cache();
+        let snap = snap(config);
+        let line = line_of(|| {
             let uri: http::Uri = format!("/v1/{}", "p".repeat(20_000)).parse().unwrap();
-            let mut record = Record::new(snap(config), http::Method::POST, uri, "chat", id());
+            let mut record = Record::new(snap.clone(), http::Method::POST, uri, "chat", id());
             record.model = Some(long.clone());
             record.status = 404;
             record.error = Some(Error::model_not_found(&long));
+            record
         });
-        let line = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         assert_eq!(line.lines().count(), 1);
         assert!(line.len() <= 4096, "{} bytes", line.len());
         assert!(line.contains("model=\"éé") && line.contains("path=\"/v1/pp"), "{line:.300}");
