@@ -21,24 +21,29 @@ use std::time::{Duration, SystemTime};
 /// Records queued for the writer at most; past it they are dropped.
 pub const QUEUE: usize = 16_384;
 
-/// One finished request, as written.
+/// One finished request, as written. Built on the request path from what the record already
+/// holds (its strings moved, not copied); formatted, clipped and serialised by the writer.
 #[derive(Debug, Serialize)]
 pub struct Entry {
-    /// RFC 3339, UTC, milliseconds.
-    pub time: String,
+    /// When the request arrived: RFC 3339, UTC, milliseconds.
+    #[serde(serialize_with = "as_rfc3339")]
+    pub time: SystemTime,
     /// The request id (the client's `x-request-id` if sane, else generated).
-    pub request_id: String,
+    #[serde(serialize_with = "as_text")]
+    pub request_id: http::HeaderValue,
     /// `chat`, `completions`, `embeddings`, `models`, `health`, `metrics` or `unknown`.
     pub endpoint: &'static str,
     /// The caller's group (never the key).
     pub group: Option<Arc<str>>,
     /// The model as requested.
+    #[serde(serialize_with = "clipped")]
     pub model: Option<String>,
     /// The routing pattern that matched.
     pub route: Option<Arc<str>>,
     /// The connection that answered (or the last one tried).
     pub connection: Option<Arc<str>>,
     /// The model sent to that connection.
+    #[serde(serialize_with = "clipped")]
     pub upstream_model: Option<String>,
     /// The status sent to the client.
     pub status: u16,
@@ -69,6 +74,7 @@ pub struct Entry {
     /// Response body bytes sent.
     pub bytes_out: u64,
     /// The error, when the gateway answered with or appended one.
+    #[serde(serialize_with = "clipped")]
     pub error: Option<String>,
     /// Its kind.
     pub error_kind: Option<&'static str>,
@@ -81,6 +87,22 @@ impl Entry {
             (self.prompt_tokens, self.completion_tokens, self.cached_tokens) =
                 (Some(u.prompt), Some(u.completion), Some(u.cached));
         }
+    }
+}
+
+fn as_rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
+}
+
+fn as_text<S: serde::Serializer>(v: &http::HeaderValue, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(v.as_bytes()))
+}
+
+/// Client strings are clipped as in error messages (a model name can be megabytes).
+fn clipped<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_some(crate::error::clip(v)),
+        None => s.serialize_none(),
     }
 }
 
@@ -269,8 +291,8 @@ mod tests {
 
     fn entry(id: &str) -> Entry {
         Entry {
-            time: rfc3339(SystemTime::now()),
-            request_id: id.into(),
+            time: SystemTime::now(),
+            request_id: http::HeaderValue::from_str(id).unwrap(),
             endpoint: "chat",
             group: None,
             model: Some("m".into()),
@@ -296,6 +318,14 @@ mod tests {
         }
     }
 
+    /// An empty directory of its own for a test.
+    fn fresh_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lmgate-log-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn rfc3339_dates_are_civil_utc() {
         let t = |s: u64, ms: u64| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(s * 1000 + ms));
@@ -307,9 +337,7 @@ mod tests {
 
     #[test]
     fn the_log_rotates_by_size_and_keeps_five() {
-        let dir = std::env::temp_dir().join(format!("lmgate-log-rotate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("rotate");
         let path = dir.join("requests.jsonl");
         let metrics = Arc::new(Metrics::default());
         let log = RequestLog::start(path.clone(), 2_000, metrics.clone(), 64).unwrap();
@@ -348,19 +376,23 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_blocking() {
         // A FIFO nobody reads: the writer blocks opening it, as on a stuck disk.
-        let dir = std::env::temp_dir().join(format!("lmgate-log-full-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("full");
         let path = dir.join("fifo");
         let made = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
         assert!(made.success());
         let metrics = Arc::new(Metrics::default());
         let log = RequestLog::start(path.clone(), 1 << 20, metrics.clone(), 8).unwrap();
-        let started = std::time::Instant::now();
-        for i in 0..100 {
-            log.write(entry(&format!("{i}")));
-        }
-        assert!(started.elapsed() < Duration::from_secs(2), "writing blocked: {:?}", started.elapsed());
+        // Were a write to block, this would never return: run it aside and wait for it to end
+        // (the bound only turns a hang into a failure).
+        let log = std::thread::spawn(move || {
+            for i in 0..100 {
+                log.write(entry(&format!("{i}")));
+            }
+            log
+        });
+        let (done, finished) = sync_channel(1);
+        std::thread::spawn(move || done.send(log.join().unwrap()));
+        let log = finished.recv_timeout(Duration::from_secs(60)).expect("a write blocked on the stuck disk");
         // The writer holds one record (blocked on it), the queue 8: the rest are counted.
         let dropped = metrics.log_dropped.load(Relaxed);
         assert!((91..=92).contains(&dropped), "{dropped}");

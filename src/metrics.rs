@@ -224,16 +224,16 @@ struct Series {
     latency: BTreeMap<(u8, Arc<str>), Arc<Latency>>,
     upstreams: BTreeMap<Arc<str>, Arc<Upstream>>,
     /// Interned label values, so cells of the same name share one allocation.
-    names: BTreeMap<Arc<str>, ()>,
+    names: std::collections::BTreeSet<Arc<str>>,
 }
 
 impl Series {
     fn name(&mut self, s: &str) -> Arc<str> {
-        if let Some((k, _)) = self.names.get_key_value(s) {
+        if let Some(k) = self.names.get(s) {
             return k.clone();
         }
         let k: Arc<str> = s.into();
-        self.names.insert(k.clone(), ());
+        self.names.insert(k.clone());
         k
     }
 }

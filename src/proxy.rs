@@ -442,7 +442,13 @@ fn request_id(headers: &mut HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = HeaderValue::from_str(&format!("{:032x}", fastrand::u128(..))).expect("hex is a header value");
+    let mut hex = [0u8; 32];
+    let mut bits = fastrand::u128(..);
+    for d in hex.iter_mut().rev() {
+        *d = b"0123456789abcdef"[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    let id = HeaderValue::from_bytes(&hex).expect("hex digits are a header value");
     headers.insert(X_REQUEST_ID, id.clone());
     id
 }

@@ -45,7 +45,6 @@ impl Outcome {
 pub struct Record {
     snap: Arc<Snapshot>,
     started: Instant,
-    at: SystemTime,
     /// HTTP method.
     pub method: http::Method,
     /// The request URI; only its path is logged. A clone of the request's (shared bytes, no copy).
@@ -115,7 +114,6 @@ impl Record {
         Record {
             snap,
             started: Instant::now(),
-            at: SystemTime::now(),
             method,
             uri,
             endpoint,
@@ -191,19 +189,21 @@ impl Record {
         }
     }
 
+    /// The request-log entry; takes the record's strings (the last use of them).
     fn entry(&mut self, total: Duration, overhead: Duration) -> Entry {
         let m = &self.snap.metrics;
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let since = |t: Option<Instant>| t.map(|t| ms(t - self.started));
         let mut entry = Entry {
-            time: crate::log::rfc3339(self.at),
-            request_id: String::from_utf8_lossy(self.request_id.as_bytes()).into_owned(),
+            // The wall clock at arrival, from the one read now (the record keeps a monotonic one).
+            time: SystemTime::now().checked_sub(total).unwrap_or(SystemTime::UNIX_EPOCH),
+            request_id: self.request_id.clone(),
             endpoint: self.endpoint,
             group: self.group.and_then(|g| m.group_name(g)),
-            model: self.model.as_deref().map(|s| crate::error::clip(s).to_owned()),
+            model: self.model.take(),
             route: self.route.and_then(|r| m.route_name(r)),
             connection: self.connection.and_then(|c| m.connection_name(c)),
-            upstream_model: self.upstream_model.as_deref().map(|s| crate::error::clip(s).to_owned()),
+            upstream_model: self.upstream_model.take(),
             status: self.status,
             outcome: self.outcome.name(),
             stream: self.stream,
@@ -218,8 +218,8 @@ impl Record {
             cost_usd: self.cost,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
-            error: self.error.as_ref().map(|e| crate::error::clip(&e.message).to_owned()),
             error_kind: self.error.as_ref().map(|e| e.kind.name()),
+            error: self.error.take().map(|e| e.message),
         };
         entry.usage(self.usage.as_ref());
         entry
@@ -284,6 +284,7 @@ impl Drop for Record {
         let total = self.started.elapsed();
         let overhead = self.overhead(total);
         self.metrics(total, overhead);
+        self.trace(total);
         // Probes and scrapes come every few seconds: counted in the metrics, not logged.
         if self.snap.log.is_some() && !matches!(self.endpoint, "health" | "metrics") {
             let entry = self.entry(total, overhead);
@@ -291,7 +292,6 @@ impl Drop for Record {
                 log.write(entry);
             }
         }
-        self.trace(total);
     }
 }
 
