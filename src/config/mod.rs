@@ -169,20 +169,28 @@ pub struct RawConnection {
     pub anthropic_version: Option<String>,
     /// Anthropic: `max_tokens` when the client gives none.
     pub default_max_tokens: Option<u64>,
+    /// Azure OpenAI: the API version (dated, or `v1`).
+    pub api_version: Option<toml::Spanned<String>>,
 }
 
 /// Which provider owns each provider-specific key, so a key given to another provider is an
 /// error naming both.
-const PROVIDER_KEYS: &[(&str, ApiType)] = &[
-    ("stream_usage", ApiType::Openai),
-    ("anthropic_version", ApiType::Anthropic),
-    ("default_max_tokens", ApiType::Anthropic),
+const PROVIDER_KEYS: &[(&str, &[ApiType])] = &[
+    ("stream_usage", &[ApiType::Openai, ApiType::Azure]),
+    ("anthropic_version", &[ApiType::Anthropic]),
+    ("default_max_tokens", &[ApiType::Anthropic]),
+    ("api_version", &[ApiType::Azure]),
 ];
 
 impl RawConnection {
     /// The provider-specific keys that are set.
-    fn provider_keys(&self) -> impl Iterator<Item = (&'static str, ApiType)> + '_ {
-        let set = [self.stream_usage.is_some(), self.anthropic_version.is_some(), self.default_max_tokens.is_some()];
+    fn provider_keys(&self) -> impl Iterator<Item = (&'static str, &'static [ApiType])> + '_ {
+        let set = [
+            self.stream_usage.is_some(),
+            self.anthropic_version.is_some(),
+            self.default_max_tokens.is_some(),
+            self.api_version.is_some(),
+        ];
         PROVIDER_KEYS.iter().zip(set).filter(|(_, set)| *set).map(|(k, _)| *k)
     }
 }
@@ -192,6 +200,8 @@ impl RawConnection {
 pub struct Secrets<'a> {
     env: Env<'a>,
     name: &'a str,
+    /// The file's text, for the line of a key.
+    source: Option<&'a str>,
     /// Why the connection is disabled, if a variable is missing.
     pub disabled: Option<String>,
 }
@@ -207,6 +217,11 @@ impl Secrets<'_> {
                 None
             }
         }
+    }
+
+    /// ` (line N)` for a span of the file, when its text is known.
+    pub fn line(&self, span: std::ops::Range<usize>) -> String {
+        line_of(self.source, span)
     }
 
     /// The connection's `api_base`, resolved, or `default`.
@@ -867,10 +882,16 @@ fn compile_connection(
             v => Some(spanned_secs(&key("first_token_timeout_secs"), v, 0.0, source)?),
         },
     };
-    if let Some((k, owner)) = c.provider_keys().find(|(_, owner)| *owner != c.api_type) {
-        return err(format!("{}: `{k}` is for {} connections, not {}", key(k), owner.name(), c.api_type.name()));
+    if let Some((k, owners)) = c.provider_keys().find(|(_, owners)| !owners.contains(&c.api_type)) {
+        let owners: Vec<&str> = owners.iter().map(|o| o.name()).collect();
+        return err(format!(
+            "{}: `{k}` is for {} connections, not {}",
+            key(k),
+            owners.join(" and "),
+            c.api_type.name()
+        ));
     }
-    let mut secrets = Secrets { env, name, disabled: None };
+    let mut secrets = Secrets { env, name, source, disabled: None };
     let (provider, mut headers) = Provider::compile(c.api_type, name, c, &mut secrets)?;
     for (h, v) in &c.headers {
         let hname = HeaderName::try_from(h.as_str())
@@ -1001,6 +1022,49 @@ mod tests {
     }
 
     #[test]
+    fn azure_keys_are_validated_with_their_line() {
+        let conn =
+            |extra: &str| format!("[connections.az]\napi_type = \"azure\"\n{extra}\n[routing]\n\"*\" = \"az.*\"\n");
+        let base = "api_base = \"https://r.openai.azure.com\"";
+        for (extra, want) in [
+            (base.to_owned(), "connections.az.api_version: required for azure connections"),
+            ("api_version = \"v1\"".to_owned(), "connections.az.api_base: required for azure connections"),
+            (
+                format!("{base}\napi_version = \"2024-13\""),
+                "connections.az.api_version (line 4): `2024-13` is neither \"v1\" nor a dated API version",
+            ),
+            (
+                "api_base = \"https://r.openai.azure.com/openai/\"\napi_version = \"v1\"".to_owned(),
+                "connections.az.api_base: give the resource's URL without `/openai...`",
+            ),
+            (
+                "api_base = \"https://r.openai.azure.com?x=1\"\napi_version = \"v1\"".to_owned(),
+                "connections.az.api_base: `https://r.openai.azure.com?***` may not have a query string",
+            ),
+            (
+                format!("{base}\napi_version = \"v1\"\nanthropic_version = \"x\""),
+                "`anthropic_version` is for anthropic connections, not azure",
+            ),
+        ] {
+            let e = parse(&conn(&extra), &[]).unwrap_err();
+            assert!(e.0.contains(want), "{extra}: {e}");
+        }
+        let e = parse("[connections.o]\napi_type = \"openai\"\napi_version = \"v1\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("`api_version` is for azure connections, not openai"), "{e}");
+        // stream_usage belongs to both OpenAI-dialect providers.
+        parse(&conn(&format!("{base}\napi_version = \"2024-10-21\"\nstream_usage = false")), &[]).unwrap();
+        // A deployment written in a route is checked when the config loads.
+        let bad = format!(
+            "[connections.az]\napi_type = \"azure\"\n{base}\napi_version = \"2024-10-21\"\n\
+             [routing]\n\"m\" = \"az.dep/../x\"\n"
+        );
+        let e = parse(&bad, &[]).unwrap_err();
+        assert!(e.0.contains("routing.\"m\" (line 6)") && e.0.contains("not an Azure OpenAI deployment name"), "{e}");
+        // ...but not for the v1 API, where the model goes in the body.
+        parse(&bad.replace("2024-10-21", "v1"), &[]).unwrap();
+    }
+
+    #[test]
     fn python_only_keys_explain_the_alternative() {
         let e = parse("api_key_check = \"my.fn\"\n", &[]).unwrap_err();
         assert!(e.0.contains("api_keys"), "{e}");
@@ -1098,7 +1162,7 @@ mod tests {
         );
         let e = parse("[connections.A]\napi_type = \"anthropic\"\napi_key = \"k\"\nstream_usage = false\n", &[])
             .unwrap_err();
-        assert_eq!(e.0, "connections.A.stream_usage: `stream_usage` is for openai connections, not anthropic");
+        assert_eq!(e.0, "connections.A.stream_usage: `stream_usage` is for openai and azure connections, not anthropic");
         let e = parse("[connections.m]\napi_type = \"mock\"\nanthropic_version = \"x\"\n", &[]).unwrap_err();
         assert!(e.0.contains("is for anthropic connections, not mock"), "{e}");
     }

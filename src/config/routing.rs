@@ -189,6 +189,11 @@ fn target(value: &str, at: &At<'_>, connections: &[Connection]) -> Result<Target
     if model.is_empty() {
         return at.fail(format!("the model after `{conn}.` is empty"));
     }
+    if model != "*" {
+        if let Err(why) = connections[id].provider.check_model(model) {
+            return at.fail(why);
+        }
+    }
     Ok(Target { disabled: connections[id].disabled.is_some(), ..Target::new(id, conn, model) })
 }
 

@@ -5,6 +5,7 @@
 //! - [`openai`]: OpenAI and every OpenAI-compatible server. Same dialect as the client, so the
 //!   request is passed through with at most the model spliced and usage requested, and the
 //!   response is forwarded untouched but for the usage event the gateway itself asked for.
+//! - [`azure`]: Azure OpenAI: the OpenAI passthrough, at a deployment's URL with an `api-key`.
 //! - [`anthropic`]: Anthropic's Messages API, translated both ways; its stream is rewritten
 //!   event by event by a [`Translate`] object.
 //! - [`mock`]: the built-in mock, answering in-process with deterministic, pre-rendered output.
@@ -30,6 +31,7 @@
 //! translator) plus its fixtures.
 
 pub mod anthropic;
+pub mod azure;
 pub mod chunk;
 pub mod mock;
 pub mod openai;
@@ -58,6 +60,8 @@ pub enum ApiType {
     Openai,
     /// Anthropic's Messages API: OpenAI chat requests and responses are translated.
     Anthropic,
+    /// Azure OpenAI: the OpenAI dialect at a deployment's URL, keyed by `api-key`.
+    Azure,
     /// The built-in mock: answers in-process, no network hop.
     Mock,
 }
@@ -68,6 +72,7 @@ impl ApiType {
         match self {
             ApiType::Openai => "openai",
             ApiType::Anthropic => "anthropic",
+            ApiType::Azure => "azure",
             ApiType::Mock => "mock",
         }
     }
@@ -80,6 +85,8 @@ pub enum Provider {
     Openai(openai::Settings),
     /// Anthropic Messages, translated.
     Anthropic(anthropic::Settings),
+    /// Azure OpenAI: the passthrough at a deployment's URL.
+    Azure(azure::Settings),
     /// The built-in mock.
     Mock,
 }
@@ -158,6 +165,7 @@ impl Provider {
         match api_type {
             ApiType::Openai => openai::Settings::compile(name, raw, secrets),
             ApiType::Anthropic => anthropic::Settings::compile(name, raw, secrets),
+            ApiType::Azure => azure::Settings::compile(name, raw, secrets),
             ApiType::Mock => mock::compile(name, raw),
         }
     }
@@ -167,6 +175,7 @@ impl Provider {
         match self {
             Provider::Openai(_) => ApiType::Openai,
             Provider::Anthropic(_) => ApiType::Anthropic,
+            Provider::Azure(_) => ApiType::Azure,
             Provider::Mock => ApiType::Mock,
         }
     }
@@ -176,7 +185,17 @@ impl Provider {
         match self {
             Provider::Openai(s) => Some(&s.base),
             Provider::Anthropic(s) => Some(&s.base),
+            Provider::Azure(s) => Some(&s.base),
             Provider::Mock => None,
+        }
+    }
+
+    /// Whether `model`, written in a route's target, can be sent to this provider; the reason
+    /// when not (checked when the config loads).
+    pub fn check_model(&self, model: &str) -> Result<(), String> {
+        match self {
+            Provider::Azure(s) => s.check_model(model),
+            _ => Ok(()),
         }
     }
 
@@ -186,6 +205,7 @@ impl Provider {
         match self {
             Provider::Openai(s) => s.prepare(conn, call, target, deadline),
             Provider::Anthropic(s) => s.prepare(conn, call, target, deadline),
+            Provider::Azure(s) => s.prepare(conn, call, target, deadline),
             Provider::Mock => mock::prepare(call, target, deadline),
         }
     }
@@ -193,7 +213,7 @@ impl Provider {
     /// Judges the upstream's response head (reading a bounded error body where needed).
     pub async fn classify(&self, conn: &Connection, head: Response<Upstream>, plan: &Plan) -> Verdict {
         match self {
-            Provider::Openai(_) => openai::classify(conn, head),
+            Provider::Openai(_) | Provider::Azure(_) => openai::classify(conn, head),
             Provider::Anthropic(_) => anthropic::classify(conn, head, plan).await,
             Provider::Mock => mock::classify(head),
         }
@@ -208,7 +228,7 @@ impl Provider {
         plan: &Plan,
     ) -> Result<(Response<Body>, Option<Usage>), Error> {
         match self {
-            Provider::Openai(_) => openai::respond(conn, head, plan).map(|r| (r, None)),
+            Provider::Openai(_) | Provider::Azure(_) => openai::respond(conn, head, plan).map(|r| (r, None)),
             Provider::Anthropic(_) => anthropic::respond(conn, head, plan).await,
             Provider::Mock => Ok(mock::respond(head)),
         }

@@ -80,15 +80,20 @@ impl Settings {
                 headers.push((header::AUTHORIZATION, value));
             }
         }
-        let url = |path: &str| crate::config::endpoint_url(&key("api_base"), &base, path);
-        let settings = Settings {
+        let settings = Settings::at(&key("api_base"), base, raw.stream_usage.unwrap_or(true))?;
+        Ok((Provider::Openai(settings), headers))
+    }
+
+    /// The passthrough to the OpenAI-dialect API at `base` (errors name config key `key`).
+    pub fn at(key: &str, base: String, stream_usage: bool) -> Result<Settings, ConfigError> {
+        let url = |path: &str| crate::config::endpoint_url(key, &base, path);
+        Ok(Settings {
             chat: url("/chat/completions")?,
             completions: url("/completions")?,
             embeddings: url("/embeddings")?,
             base,
-            stream_usage: raw.stream_usage.unwrap_or(true),
-        };
-        Ok((Provider::Openai(settings), headers))
+            stream_usage,
+        })
     }
 
     /// The upstream URL of an endpoint: `{api_base}/chat/completions`, `/completions`,
@@ -110,12 +115,25 @@ impl Settings {
         target: &Target,
         deadline: Instant,
     ) -> Result<Prepared, Error> {
-        let (parts, strip_usage) = splice(call, target, call.stream && self.stream_usage)?;
-        let request = super::upstream_post(conn, self.uri(call.api), parts, REQUEST_HEADERS, call.headers)?;
-        // Passthrough forwards the usage chunk the client asked for as it comes: `include_usage` is
-        // for translators.
-        Ok(Prepared { request, plan: Plan { stream: call.stream, strip_usage, include_usage: false, deadline } })
+        prepare_at(conn, call, target, self.uri(call.api), call.stream && self.stream_usage, deadline)
     }
+}
+
+/// The passthrough's upstream request to `uri`: the client's body with the model spliced and,
+/// when `ask_usage`, `include_usage` asked for.
+pub fn prepare_at(
+    conn: &Connection,
+    call: &Call<'_>,
+    target: &Target,
+    uri: &Uri,
+    ask_usage: bool,
+    deadline: Instant,
+) -> Result<Prepared, Error> {
+    let (parts, strip_usage) = splice(call, target, ask_usage)?;
+    let request = super::upstream_post(conn, uri, parts, REQUEST_HEADERS, call.headers)?;
+    // Passthrough forwards the usage chunk the client asked for as it comes: `include_usage` is
+    // for translators.
+    Ok(Prepared { request, plan: Plan { stream: call.stream, strip_usage, include_usage: false, deadline } })
 }
 
 /// The client's body as slices of its own buffer with the model (when routing renames it, or a

@@ -23,6 +23,7 @@ mod validation;
 mod alloc;
 mod anthropic;
 mod anthropic_failure;
+mod azure;
 mod frames;
 /// A global allocator that counts this thread's allocations while `count` runs.
 pub mod counting {
