@@ -136,6 +136,38 @@ pub fn members(text: &[u8], mut f: impl FnMut(&[u8], Range<usize>) -> bool) -> R
     Ok(())
 }
 
+/// The ranges of the named top-level members of a JSON object (first occurrence each). For a
+/// part of a text already validated: a value that is not an object has none of them.
+pub fn fields<const N: usize>(text: &[u8], names: &[&[u8]; N]) -> [Option<Range<usize>>; N] {
+    let mut out: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
+    let _ = members(text, |k, v| {
+        record_member(&mut out, names, k, v);
+        true
+    });
+    out
+}
+
+/// [`fields`], validating the whole text in the same pass.
+pub fn checked_fields<const N: usize>(text: &[u8], names: &[&[u8]; N]) -> Result<[Option<Range<usize>>; N], ScanError> {
+    let mut out: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
+    members(text, |k, v| {
+        record_member(&mut out, names, k, v);
+        true
+    })?;
+    Ok(out)
+}
+
+/// Keeps `v` as the member named by raw key `k` when `names` has it and it is not set yet.
+fn record_member<const N: usize>(out: &mut [Option<Range<usize>>; N], names: &[&[u8]; N], k: &[u8], v: Range<usize>) {
+    if let Some(k) = unescaped_key::<24>(k) {
+        if let Some(i) = names.iter().position(|n| *n == k.as_slice()) {
+            if out[i].is_none() {
+                out[i] = Some(v);
+            }
+        }
+    }
+}
+
 /// Calls `f(value_range)` for each element of the JSON array that `text` holds (white space
 /// around it allowed), validating the whole text; `f` returns false to stop early.
 pub fn elements(text: &[u8], mut f: impl FnMut(Range<usize>) -> bool) -> Result<(), ScanError> {

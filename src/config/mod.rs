@@ -1162,7 +1162,10 @@ mod tests {
         );
         let e = parse("[connections.A]\napi_type = \"anthropic\"\napi_key = \"k\"\nstream_usage = false\n", &[])
             .unwrap_err();
-        assert_eq!(e.0, "connections.A.stream_usage: `stream_usage` is for openai and azure connections, not anthropic");
+        assert_eq!(
+            e.0,
+            "connections.A.stream_usage: `stream_usage` is for openai and azure connections, not anthropic"
+        );
         let e = parse("[connections.m]\napi_type = \"mock\"\nanthropic_version = \"x\"\n", &[]).unwrap_err();
         assert!(e.0.contains("is for anthropic connections, not mock"), "{e}");
     }

@@ -34,6 +34,7 @@ pub mod anthropic;
 pub mod azure;
 pub mod chunk;
 pub mod mock;
+pub mod ollama;
 pub mod openai;
 
 use crate::body::{Body, Upstream};

@@ -321,3 +321,45 @@ async fn the_passthrough_allocates_nothing_per_event_once_warm_paced_or_in_burst
         }
     }
 }
+
+/// Ollama lines that repeat: text, thinking and a whole tool call with nested arguments (its
+/// arguments are escaped into a string through the translator's reused buffer).
+const OLLAMA_MIDDLE: &str = concat!(
+    r#"{"model":"qwen3","created_at":"2025-02-11T15:33:28.0907887Z","message":{"role":"assistant","content":"","thinking":"Let me think."},"done":false}"#,
+    "\n",
+    r#"{"model":"qwen3","created_at":"2025-02-11T15:33:28.1702247Z","message":{"role":"assistant","content":"Hello \"there\"\n"},"done":false}"#,
+    "\n",
+    r#"{"model":"qwen3","created_at":"2025-02-11T15:33:28.2608251Z","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Paris","opts":{"unit":"c","days":[1,2]}}}}]},"done":false}"#,
+    "\n",
+);
+
+#[test]
+fn ollama_lines_translate_without_allocating_once_warm() {
+    use lmgate::provider::ollama::stream::Stream as Ollama;
+    let recorded =
+        std::fs::read(format!("{}/tests/fixtures/ollama/api-chat-stream.ndjson", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let text = String::from_utf8(recorded).unwrap();
+    let (content, done) = text.trim_end().rsplit_once('\n').unwrap();
+    let middle = format!("{content}\n{OLLAMA_MIDDLE}");
+    let (warm, measured) = (middle.repeat(WARM), middle.repeat(MEASURED));
+    let mut per_chunking = Vec::new();
+    for chunk in [1, 7, 64, 4096, usize::MAX] {
+        let mut t = Translating::new(Box::new(Ollama::new(true, "chatcmpl-test")));
+        let mut out = BytesMut::new();
+        feed(&mut t, warm.as_bytes(), chunk, &mut out);
+        let mut out_events = 0;
+        let allocations = counting::count(|| {
+            for piece in measured.as_bytes().chunks(chunk) {
+                t.feed(piece, "test", &mut out).unwrap();
+                let frame = out.split().freeze();
+                out_events += events_in(&frame);
+            }
+        });
+        feed(&mut t, format!("{done}\n").as_bytes(), chunk, &mut out);
+        assert!(t.done(), "the stream completes");
+        assert_eq!(allocations, 0, "chunk {chunk}: {allocations} allocations over {MEASURED} repetitions");
+        per_chunking.push(out_events);
+    }
+    assert!(per_chunking[0] >= MEASURED * 35, "the measured part produced output ({per_chunking:?})");
+    assert!(per_chunking.windows(2).all(|w| w[0] == w[1]), "output events by chunking {per_chunking:?}");
+}

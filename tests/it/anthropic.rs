@@ -7,6 +7,7 @@
 use bytes::BytesMut;
 use lmgate::body::Translating;
 use lmgate::provider::anthropic::{self, stream::Stream};
+use lmgate::provider::Translate;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -51,7 +52,7 @@ pub(crate) fn sse_bytes(name: &str) -> Vec<u8> {
 }
 
 /// Deterministic split points (xorshift), so a failure names its seed.
-fn random_cuts(len: usize, seed: u64) -> Vec<usize> {
+pub(crate) fn random_cuts(len: usize, seed: u64) -> Vec<usize> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut cuts: Vec<usize> = (0..(len / 40).max(1))
         .map(|_| {
@@ -69,25 +70,34 @@ fn random_cuts(len: usize, seed: u64) -> Vec<usize> {
 /// Translates `input` cut at `cuts`, as the body does: output buffers, then the final error
 /// event if the translator failed.
 fn translate(input: &[u8], cuts: &[usize], include_usage: bool) -> Vec<u8> {
-    let mut t = Translating::new(Box::new(Stream::new(include_usage)));
+    translate_with(Box::new(Stream::new(include_usage)), input, cuts)
+}
+
+/// Feeds `input` cut at `cuts` to `translator` as the body does, then the end of the stream;
+/// the output, with the final error event if the translator failed.
+pub(crate) fn translate_with(translator: Box<dyn Translate>, input: &[u8], cuts: &[usize]) -> Vec<u8> {
+    let mut t = Translating::new(translator);
     let mut out = BytesMut::new();
     let mut at = 0;
     for &end in cuts.iter().chain(std::iter::once(&input.len())) {
         if let Err(e) = t.feed(&input[at..end], "test", &mut out) {
             out.extend_from_slice(&e.to_sse());
-            break;
+            return out.to_vec();
         }
         at = end;
         if t.done() {
-            break;
+            return out.to_vec();
         }
+    }
+    if let Err(e) = t.finish("test", &mut out) {
+        out.extend_from_slice(&e.to_sse());
     }
     out.to_vec()
 }
 
 /// The OpenAI events of an output: `data` payloads as JSON (`[DONE]` as a string), with
 /// `created` checked (one integer for the whole stream) and removed.
-fn openai_events(out: &[u8]) -> Vec<Value> {
+pub(crate) fn openai_events(out: &[u8]) -> Vec<Value> {
     let mut dec = lmgate::sse::Decoder::new(1 << 20);
     let mut events = Vec::new();
     dec.feed(out, |e| {
@@ -123,7 +133,7 @@ fn expected(name: &str) -> Vec<Value> {
 }
 
 /// The expectation for a client that did not ask for usage: no `usage` keys, no usage chunk.
-fn without_usage(events: &[Value]) -> Vec<Value> {
+pub(crate) fn without_usage(events: &[Value]) -> Vec<Value> {
     events
         .iter()
         .filter(|e| e.get("choices").and_then(Value::as_array).is_none_or(|c| !c.is_empty()))

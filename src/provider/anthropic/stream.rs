@@ -18,7 +18,7 @@
 //! body's final error event.
 
 use crate::error::{Error, Kind};
-use crate::json::{self, unescaped_key, Usage};
+use crate::json::{self, fields, unescaped_key, Usage};
 use crate::provider::chunk::{self, itoa, Prefix};
 use crate::provider::Translate;
 use crate::sse::Event;
@@ -401,18 +401,6 @@ fn empty_str(token: &[u8]) -> bool {
     token == b"\"\""
 }
 
-/// The ranges of the named top-level members of a JSON object (first occurrence each). `text`
-/// is part of an event validated whole, so the only failure is a value that is not an object:
-/// every member is then absent, which callers treat as such.
-fn fields<const N: usize>(text: &[u8], names: &[&[u8]; N]) -> [Option<Range<usize>>; N] {
-    let mut out: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
-    let _ = json::members(text, |k, v| {
-        record_member(&mut out, names, k, v);
-        true
-    });
-    out
-}
-
 /// The top-level members of an event that the handlers read, by position (first occurrence of
 /// each; absent ones `None`).
 type Top = [Option<Range<usize>>; 7];
@@ -427,23 +415,7 @@ const ERROR: usize = 6;
 
 /// Validates an event's JSON whole and finds its [`Top`] members, in one pass.
 fn top_members(data: &[u8]) -> Result<Top, json::ScanError> {
-    let mut top: Top = Default::default();
-    json::members(data, |k, v| {
-        record_member(&mut top, &TOP_NAMES, k, v);
-        true
-    })?;
-    Ok(top)
-}
-
-/// Keeps `v` as the member named by raw key `k` when `names` has it and it is not set yet.
-fn record_member<const N: usize>(out: &mut [Option<Range<usize>>; N], names: &[&[u8]; N], k: &[u8], v: Range<usize>) {
-    if let Some(k) = unescaped_key::<24>(k) {
-        if let Some(i) = names.iter().position(|n| *n == k.as_slice()) {
-            if out[i].is_none() {
-                out[i] = Some(v);
-            }
-        }
-    }
+    json::checked_fields(data, &TOP_NAMES)
 }
 
 /// The event's `index`, as a number.
