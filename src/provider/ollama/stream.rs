@@ -430,7 +430,7 @@ mod tests {
             json!({"message":{"tool_calls":[{"function":{"name":"f","arguments":7}}]}}),
             json!({"message":{"tool_calls":[{}]}}),
         ] {
-            let (_, err, _) = run(&[bad.clone()], false);
+            let (_, err, _) = run(std::slice::from_ref(&bad), false);
             assert_eq!(err.map(|e| e.kind), Some(Kind::UpstreamMalformed), "{bad}");
         }
         for raw in [&b"{\"message\":"[..], b"[1]", b"{\"message\":{\"content\":\"\xff\"}}"] {
