@@ -205,25 +205,43 @@ pub fn canonical(pieces: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 }
 
 /// `anthropic_stream`: the first byte picks usage on or off, the next two seed split points, the
-/// rest is an Anthropic event stream. Translation never panics; whole and split feeding give the
-/// same output; the output is SSE whose data lines are JSON or `[DONE]`; after `[DONE]` or an
-/// error event nothing follows.
+/// rest is an Anthropic event stream. See [`translated_stream`].
 pub fn anthropic_stream(input: &[u8]) {
+    translated_stream(input, |usage| Box::new(lmgate::provider::anthropic::stream::Stream::new(usage)));
+}
+
+/// `ollama_stream`: as [`anthropic_stream`], the rest being Ollama `/api/chat` NDJSON lines.
+pub fn ollama_stream(input: &[u8]) {
+    translated_stream(input, |usage| Box::new(lmgate::provider::ollama::stream::Stream::new(usage, "chatcmpl-fuzz")));
+}
+
+/// The first byte picks usage on or off, the next two seed split points, the rest is a provider
+/// stream for the translator `make` builds. Translation (the stream's end included) never
+/// panics; whole and split feeding give the same output; the output is SSE whose data lines are
+/// JSON or `[DONE]`; after `[DONE]` or an error event nothing follows.
+fn translated_stream(input: &[u8], make: impl Fn(bool) -> Box<dyn lmgate::provider::Translate>) {
     use lmgate::body::Translating;
-    use lmgate::provider::anthropic::stream::Stream;
 
     let [flags, a, b, stream @ ..] = input else { return };
     let include_usage = flags & 1 == 1;
     let run = |cuts: &[usize]| -> Vec<u8> {
-        let mut t = Translating::new(Box::new(Stream::new(include_usage)));
+        let mut t = Translating::new(make(include_usage));
         let mut out = lmgate::body::Out::default();
+        let mut ended = false;
         for piece in pieces(stream, cuts) {
             if let Err(e) = t.feed(piece, "fuzz", out.buffer(0)) {
                 out.push(e.to_sse());
+                ended = true;
                 break;
             }
             if t.done() {
+                ended = true;
                 break;
+            }
+        }
+        if !ended {
+            if let Err(e) = t.finish("fuzz", out.buffer(0)) {
+                out.push(e.to_sse());
             }
         }
         out.take().unwrap_or_default().to_vec()

@@ -1065,6 +1065,19 @@ mod tests {
     }
 
     #[test]
+    fn ollama_connections_default_to_the_local_server_and_refuse_other_providers_keys() {
+        let cfg = parse("[connections.l]\napi_type = \"ollama\"\n[routing]\n\"llama*\" = \"l.*\"\n", &[]).unwrap();
+        assert_eq!(cfg.connections[0].provider.base_url(), Some("http://127.0.0.1:11434"));
+        assert!(cfg.connections[0].headers.is_empty(), "no key, no Authorization header");
+        for key in ["stream_usage = false", "api_version = \"v1\"", "default_max_tokens = 5"] {
+            let e = parse(&format!("[connections.l]\napi_type = \"ollama\"\n{key}\n"), &[]).unwrap_err();
+            assert!(e.0.contains("connections, not ollama"), "{key}: {e}");
+        }
+        let e = parse("[connections.l]\napi_type = \"ollama\"\napi_base = \"ftp://x\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("connections.l.api_base"), "{e}");
+    }
+
+    #[test]
     fn python_only_keys_explain_the_alternative() {
         let e = parse("api_key_check = \"my.fn\"\n", &[]).unwrap_err();
         assert!(e.0.contains("api_keys"), "{e}");

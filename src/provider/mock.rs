@@ -119,7 +119,16 @@ pub fn prepare(call: &Call<'_>, target: &Target, deadline: std::time::Instant) -
             request.headers_mut().insert(*name, v.clone());
         }
     }
-    Ok(Prepared { request, plan: Plan { stream: call.stream, strip_usage: false, include_usage: false, deadline } })
+    Ok(Prepared {
+        request,
+        plan: Plan {
+            stream: call.stream,
+            strip_usage: false,
+            include_usage: false,
+            reply: super::Reply::Chat,
+            deadline,
+        },
+    })
 }
 
 /// The mock's error statuses (`x-mock-status`, invalid knobs) are failures relayed as they are.

@@ -8,6 +8,8 @@
 //! - [`azure`]: Azure OpenAI: the OpenAI passthrough, at a deployment's URL with an `api-key`.
 //! - [`anthropic`]: Anthropic's Messages API, translated both ways; its stream is rewritten
 //!   event by event by a [`Translate`] object.
+//! - [`ollama`]: Ollama's native API, translated both ways; its NDJSON stream rewritten line by
+//!   line.
 //! - [`mock`]: the built-in mock, answering in-process with deterministic, pre-rendered output.
 //!
 //! Every provider, the mock included, answers the same three questions, and the request flow
@@ -63,6 +65,8 @@ pub enum ApiType {
     Anthropic,
     /// Azure OpenAI: the OpenAI dialect at a deployment's URL, keyed by `api-key`.
     Azure,
+    /// Ollama's native API: OpenAI chat and embeddings translated to `/api/chat` and `/api/embed`.
+    Ollama,
     /// The built-in mock: answers in-process, no network hop.
     Mock,
 }
@@ -74,6 +78,7 @@ impl ApiType {
             ApiType::Openai => "openai",
             ApiType::Anthropic => "anthropic",
             ApiType::Azure => "azure",
+            ApiType::Ollama => "ollama",
             ApiType::Mock => "mock",
         }
     }
@@ -88,6 +93,8 @@ pub enum Provider {
     Anthropic(anthropic::Settings),
     /// Azure OpenAI: the passthrough at a deployment's URL.
     Azure(azure::Settings),
+    /// Ollama's native API, translated.
+    Ollama(ollama::Settings),
     /// The built-in mock.
     Mock,
 }
@@ -130,10 +137,25 @@ pub struct Plan {
     pub strip_usage: bool,
     /// The client asked for the usage chunk (read by translators, which emit it).
     pub include_usage: bool,
+    /// What a translating provider makes of a successful answer.
+    pub reply: Reply,
     /// When the whole answer must have arrived, for answers read whole (non-stream bodies,
     /// error bodies), and when the response head must have arrived, for every answer: the
     /// attempt's start plus the connection's `header_timeout`.
     pub deadline: Instant,
+}
+
+/// What a translating provider turns a successful answer into (passthrough providers forward
+/// what comes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// A chat completion, or its stream.
+    Chat,
+    /// An embeddings list, its vectors as base64 or as floats.
+    Embeddings {
+        /// `encoding_format: "base64"`.
+        base64: bool,
+    },
 }
 
 /// The upstream's answer to one attempt, judged before anything reaches the client.
@@ -167,6 +189,7 @@ impl Provider {
             ApiType::Openai => openai::Settings::compile(name, raw, secrets),
             ApiType::Anthropic => anthropic::Settings::compile(name, raw, secrets),
             ApiType::Azure => azure::Settings::compile(name, raw, secrets),
+            ApiType::Ollama => ollama::Settings::compile(name, raw, secrets),
             ApiType::Mock => mock::compile(name, raw),
         }
     }
@@ -177,6 +200,7 @@ impl Provider {
             Provider::Openai(_) => ApiType::Openai,
             Provider::Anthropic(_) => ApiType::Anthropic,
             Provider::Azure(_) => ApiType::Azure,
+            Provider::Ollama(_) => ApiType::Ollama,
             Provider::Mock => ApiType::Mock,
         }
     }
@@ -187,6 +211,7 @@ impl Provider {
             Provider::Openai(s) => Some(&s.base),
             Provider::Anthropic(s) => Some(&s.base),
             Provider::Azure(s) => Some(&s.base),
+            Provider::Ollama(s) => Some(&s.base),
             Provider::Mock => None,
         }
     }
@@ -207,6 +232,7 @@ impl Provider {
             Provider::Openai(s) => s.prepare(conn, call, target, deadline),
             Provider::Anthropic(s) => s.prepare(conn, call, target, deadline),
             Provider::Azure(s) => s.prepare(conn, call, target, deadline),
+            Provider::Ollama(s) => s.prepare(conn, call, target, deadline),
             Provider::Mock => mock::prepare(call, target, deadline),
         }
     }
@@ -216,6 +242,7 @@ impl Provider {
         match self {
             Provider::Openai(_) | Provider::Azure(_) => openai::classify(conn, head),
             Provider::Anthropic(_) => anthropic::classify(conn, head, plan).await,
+            Provider::Ollama(_) => ollama::classify(conn, head, plan).await,
             Provider::Mock => mock::classify(head),
         }
     }
@@ -231,6 +258,7 @@ impl Provider {
         match self {
             Provider::Openai(_) | Provider::Azure(_) => openai::respond(conn, head, plan).map(|r| (r, None)),
             Provider::Anthropic(_) => anthropic::respond(conn, head, plan).await,
+            Provider::Ollama(_) => ollama::respond(conn, head, plan).await,
             Provider::Mock => Ok(mock::respond(head)),
         }
     }

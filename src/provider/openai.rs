@@ -13,7 +13,7 @@
 //! key: those become 502 naming the connection, and the upstream body (which may echo key
 //! fragments) is dropped.
 
-use super::{Api, Call, Plan, Prepared, Provider, Verdict};
+use super::{Api, Call, Plan, Prepared, Provider, Reply, Verdict};
 use crate::body::{Body, Mode, Upstream};
 use crate::config::{ConfigError, Connection, RawConnection, Secrets};
 use crate::error::{Error, Kind};
@@ -133,7 +133,10 @@ pub fn prepare_at(
     let request = super::upstream_post(conn, uri, parts, REQUEST_HEADERS, call.headers)?;
     // Passthrough forwards the usage chunk the client asked for as it comes: `include_usage` is
     // for translators.
-    Ok(Prepared { request, plan: Plan { stream: call.stream, strip_usage, include_usage: false, deadline } })
+    Ok(Prepared {
+        request,
+        plan: Plan { stream: call.stream, strip_usage, include_usage: false, reply: Reply::Chat, deadline },
+    })
 }
 
 /// The client's body as slices of its own buffer with the model (when routing renames it, or a

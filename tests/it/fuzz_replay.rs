@@ -42,6 +42,11 @@ fn anthropic_stream_corpus_passes_its_checks() {
 }
 
 #[test]
+fn ollama_stream_corpus_passes_its_checks() {
+    assert!(replay("ollama_stream", checks::ollama_stream) >= 5);
+}
+
+#[test]
 fn request_corpus_passes_its_checks() {
     assert!(replay("request", checks::request) >= 5);
 }

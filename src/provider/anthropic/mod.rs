@@ -11,7 +11,7 @@
 pub mod request;
 pub mod stream;
 
-use super::{Api, Call, Plan, Prepared, Translate, Verdict};
+use super::{Api, Call, Plan, Prepared, Reply, Translate, Verdict};
 use crate::body::{Body, Mode, Upstream};
 use crate::config::{ConfigError, Connection, RawConnection, Secrets};
 use crate::error::{Error, Kind};
@@ -97,8 +97,13 @@ impl Settings {
         }
         let translated = request::translate(call.body, target.upstream_model(call.model), self.default_max_tokens)?;
         let request = super::upstream_post(conn, &self.messages, vec![translated.body], REQUEST_HEADERS, call.headers)?;
-        let plan =
-            Plan { stream: translated.stream, strip_usage: false, include_usage: translated.include_usage, deadline };
+        let plan = Plan {
+            stream: translated.stream,
+            strip_usage: false,
+            include_usage: translated.include_usage,
+            reply: Reply::Chat,
+            deadline,
+        };
         Ok(Prepared { request, plan })
     }
 }

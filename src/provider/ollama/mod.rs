@@ -1,4 +1,441 @@
-//! Ollama's native API (<https://github.com/ollama/ollama/blob/main/docs/api.md>): `/api/chat`
-//! streams NDJSON, one JSON object per line, which [`stream`] rewrites into OpenAI chunks.
+//! Ollama's native API (`api_type = "ollama"`,
+//! <https://github.com/ollama/ollama/blob/main/docs/api.md>): OpenAI chat and embeddings in,
+//! OpenAI out.
+//!
+//! - [`request`]: OpenAI chat and embeddings requests as `/api/chat` and `/api/embed` requests.
+//! - [`stream`]: the `/api/chat` NDJSON stream rewritten into OpenAI chunks, line by line.
+//! - here: the upstream request, non-stream answers (the `/api/chat` object → `chat.completion`,
+//!   `/api/embed` → an embeddings list with float or base64 vectors as the client asked), and
+//!   error statuses (`{"error": "..."}` → OpenAI error).
+//!
+//! `/v1/completions` (legacy) is not served for Ollama connections: 400 naming `model`.
 
+pub mod request;
 pub mod stream;
+
+use super::{Api, Call, Plan, Prepared, Reply, Translate, Verdict};
+use crate::body::{Body, Mode, Upstream};
+use crate::config::{ConfigError, Connection, RawConnection, Secrets};
+use crate::error::{Error, Kind};
+use crate::json::{self, Raw, Usage};
+use crate::router::Target;
+use base64::Engine as _;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode, Uri};
+use serde::Deserialize;
+use std::time::Instant;
+
+/// Largest non-stream body read whole (an embeddings answer for many long vectors is large).
+const MAX_BODY: usize = 64 << 20;
+
+/// Client headers forwarded to Ollama.
+const REQUEST_HEADERS: &[&str] = &["user-agent", "x-request-id"];
+
+/// Ollama's default address.
+const DEFAULT_BASE: &str = "http://127.0.0.1:11434";
+
+/// An Ollama connection's own settings.
+#[derive(Debug)]
+pub struct Settings {
+    /// The base URL as configured (for summaries).
+    pub base: String,
+    chat: Uri,
+    embed: Uri,
+}
+
+impl Settings {
+    /// Compiles `api_base` (without `/api`) and `api_key` (optional, sent as
+    /// `Authorization: Bearer` for an Ollama behind an authenticating proxy).
+    pub fn compile(
+        name: &str,
+        raw: &RawConnection,
+        secrets: &mut Secrets<'_>,
+    ) -> Result<(super::Provider, Vec<(HeaderName, HeaderValue)>), ConfigError> {
+        let key = |k: &str| format!("connections.{name}.{k}");
+        let base = secrets.base(raw, DEFAULT_BASE);
+        let mut headers = Vec::new();
+        if let Some(k) = &raw.api_key {
+            if let Some(v) = secrets.resolve(key("api_key"), k) {
+                let value = crate::config::header_value(&key("api_key"), &format!("Bearer {}", v.trim()))?;
+                headers.push((header::AUTHORIZATION, value));
+            }
+        }
+        let url = |path: &str| crate::config::endpoint_url(&key("api_base"), &base, path);
+        let (chat, embed) = (url("/api/chat")?, url("/api/embed")?);
+        Ok((super::Provider::Ollama(Settings { base, chat, embed }), headers))
+    }
+
+    /// The `/api/chat` or `/api/embed` request for a call.
+    pub fn prepare(
+        &self,
+        conn: &Connection,
+        call: &Call<'_>,
+        target: &Target,
+        deadline: Instant,
+    ) -> Result<Prepared, Error> {
+        let model = target.upstream_model(call.model);
+        let (uri, body, plan) = match call.api {
+            Api::Chat => {
+                let t = request::chat(call.body, model)?;
+                let plan = Plan {
+                    stream: t.stream,
+                    strip_usage: false,
+                    include_usage: t.include_usage,
+                    reply: Reply::Chat,
+                    deadline,
+                };
+                (&self.chat, t.body, plan)
+            }
+            Api::Embeddings => {
+                let (body, base64) = request::embed(call.body, model)?;
+                let plan =
+                    Plan { stream: false, strip_usage: false, include_usage: false, reply: Reply::Embeddings { base64 }, deadline };
+                (&self.embed, body, plan)
+            }
+            Api::Completions => {
+                return Err(Error::invalid_request(format!(
+                    "Model `{}` is served by an Ollama connection, which has no /v1/completions endpoint; use /v1/chat/completions.",
+                    call.model
+                ))
+                .param("model"))
+            }
+        };
+        let request = super::upstream_post(conn, uri, vec![body], REQUEST_HEADERS, call.headers)?;
+        Ok(Prepared { request, plan })
+    }
+}
+
+/// A non-2xx answer is read (bounded) for Ollama's `{"error": "..."}` message.
+pub async fn classify(conn: &Connection, head: Response<Upstream>, plan: &Plan) -> Verdict {
+    let status = head.status();
+    if status.is_success() {
+        return Verdict::Success(head);
+    }
+    let (parts, body) = head.into_parts();
+    let body = super::read_body(conn, body, super::ERROR_BODY_LIMIT, plan.deadline).await.unwrap_or_default();
+    let mut error = error_of(&conn.name, status, &body);
+    error.retry_after = super::retry_after(&parts.headers);
+    Verdict::Failure { error, relay: None }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// An Ollama error status and body as the client's OpenAI error. 401/403 (a proxy in front of
+/// Ollama refused the gateway's key): 502, the body dropped. 400 and 404 (an unknown model) are
+/// the client's to fix and keep their status; 429 and 503 (Ollama's queue is full) keep theirs so
+/// clients back off; 408/504 are timeouts; anything else is the upstream failing: 502.
+pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Error::upstream_auth(connection, status);
+    }
+    let code = status.as_u16();
+    let said = serde_json::from_slice::<ErrorBody>(body).ok().map(|e| e.error).filter(|m| !m.is_empty());
+    let message = said.unwrap_or_else(|| format!("Connection `{connection}` answered with status {code}."));
+    match code {
+        400 | 404 | 413 | 422 => Error::upstream_status(status, "invalid_request_error", message),
+        429 => Error::upstream_status(status, "rate_limit_error", message),
+        503 => Error::upstream_status(status, "api_error", message),
+        408 | 504 => Error::upstream_failure(Kind::UpstreamTimeout, message),
+        _ => Error::upstream_status(StatusCode::BAD_GATEWAY, "api_error", message).code("upstream_error"),
+    }
+}
+
+/// The client's response: a translated stream, or a translated answer and its usage.
+pub async fn respond(
+    conn: &Connection,
+    head: Response<Upstream>,
+    plan: &Plan,
+) -> Result<(Response<Body>, Option<Usage>), Error> {
+    let id = response_id();
+    if plan.stream && plan.reply == Reply::Chat {
+        let translator: Box<dyn Translate> = Box::new(stream::Stream::new(plan.include_usage, &id));
+        let body = Body::passthrough(head.into_body(), Mode::translate(translator), conn.timeouts.idle, &conn.name);
+        let mut r = Response::new(body);
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok((r, None));
+    }
+    let body = super::read_body(conn, head.into_body(), MAX_BODY, plan.deadline).await?;
+    let rendered = match plan.reply {
+        Reply::Chat => completion(&body, &id),
+        Reply::Embeddings { base64 } => embeddings(&body, base64),
+    };
+    let (out, usage) = rendered.ok_or_else(|| {
+        Error::upstream_failure(
+            Kind::UpstreamMalformed,
+            format!("Connection `{}`: the upstream answered with an unreadable body.", conn.name),
+        )
+    })?;
+    let mut r = Response::new(Body::full(out));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok((r, Some(usage)))
+}
+
+/// A fresh `chatcmpl-` id (Ollama's answers carry none).
+fn response_id() -> String {
+    let n = fastrand::u128(..);
+    format!("chatcmpl-{:024x}", n >> 32)
+}
+
+#[derive(Deserialize)]
+struct ChatAnswer<'a> {
+    model: &'a str,
+    #[serde(borrow)]
+    message: Option<AnswerMessage<'a>>,
+    done_reason: Option<&'a str>,
+    prompt_eval_count: Option<u64>,
+    eval_count: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct AnswerMessage<'a> {
+    #[serde(borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    thinking: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    tool_calls: Option<Vec<AnswerCall<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct AnswerCall<'a> {
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    function: AnswerFunction<'a>,
+}
+
+#[derive(Deserialize)]
+struct AnswerFunction<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+    arguments: Option<Raw>,
+}
+
+/// An `/api/chat` answer (`"stream": false`) as an OpenAI `chat.completion`, and its usage;
+/// parsed whole with simd-json on the thread's scratch copy.
+pub fn completion(body: &[u8], id: &str) -> Option<(Vec<u8>, Usage)> {
+    json::with_scratch(body, |scratch| render_completion(scratch.parse().ok()?, id, body.len()))
+}
+
+fn render_completion(a: ChatAnswer, id: &str, size: usize) -> Option<(Vec<u8>, Usage)> {
+    let m = a.message?;
+    let text = m.content.unwrap_or_default();
+    let calls = m.tool_calls.unwrap_or_default();
+    let mut out = Vec::with_capacity(size + 256);
+    out.extend_from_slice(b"{\"id\":");
+    json::write_str(&mut out, id);
+    out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
+    out.extend_from_slice(super::chunk::itoa(super::unix_now()).as_bytes());
+    out.extend_from_slice(b",\"model\":");
+    json::write_str(&mut out, a.model);
+    out.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
+    if text.is_empty() && !calls.is_empty() {
+        out.extend_from_slice(b"null");
+    } else {
+        json::write_str(&mut out, &text);
+    }
+    if let Some(thinking) = m.thinking.filter(|t| !t.is_empty()) {
+        out.extend_from_slice(b",\"reasoning_content\":");
+        json::write_str(&mut out, &thinking);
+    }
+    if !calls.is_empty() {
+        out.extend_from_slice(b",\"tool_calls\":[");
+        for (k, c) in calls.iter().enumerate() {
+            if k > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"id\":");
+            match c.id.as_deref().filter(|i| !i.is_empty()) {
+                Some(own) => json::write_str(&mut out, own),
+                None => json::write_str(&mut out, &format!("call_{id}_{k}")),
+            }
+            out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
+            json::write_str(&mut out, &c.function.name);
+            out.extend_from_slice(b",\"arguments\":");
+            // The arguments object, rendered compactly in its key order, as a string.
+            let args = c.function.arguments.as_ref().filter(|r| r.0 != b"null").map_or(&b"{}"[..], |r| &r.0);
+            json::write_str(&mut out, std::str::from_utf8(args).ok()?);
+            out.extend_from_slice(b"}}");
+        }
+        out.push(b']');
+    }
+    let finish = match a.done_reason {
+        Some("length") => "length",
+        _ if !calls.is_empty() => "tool_calls",
+        _ => "stop",
+    };
+    out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":\"");
+    out.extend_from_slice(finish.as_bytes());
+    out.extend_from_slice(b"\"}],\"usage\":");
+    let usage =
+        Usage { prompt: a.prompt_eval_count.unwrap_or(0), completion: a.eval_count.unwrap_or(0), ..Usage::default() };
+    super::chunk::write_usage(&mut out, usage, None);
+    out.push(b'}');
+    Some((out, usage))
+}
+
+#[derive(Deserialize)]
+struct EmbedAnswer<'a> {
+    model: &'a str,
+    embeddings: Vec<Vec<f32>>,
+    prompt_eval_count: Option<u64>,
+}
+
+/// An `/api/embed` answer as an OpenAI embeddings list, vectors as floats or as base64 of their
+/// little-endian float32 bytes (what OpenAI's `encoding_format: "base64"` returns), and its usage.
+pub fn embeddings(body: &[u8], base64: bool) -> Option<(Vec<u8>, Usage)> {
+    json::with_scratch(body, |scratch| {
+        let a: EmbedAnswer = scratch.parse().ok()?;
+        let dims: usize = a.embeddings.iter().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(dims * if base64 { 6 } else { 12 } + 256);
+        out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
+        let mut bytes = Vec::new();
+        let mut text = String::new();
+        let mut number = ryu::Buffer::new();
+        for (i, v) in a.embeddings.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
+            out.extend_from_slice(super::chunk::itoa(i as u64).as_bytes());
+            out.extend_from_slice(b",\"embedding\":");
+            if base64 {
+                bytes.clear();
+                bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+                text.clear();
+                base64::engine::general_purpose::STANDARD.encode_string(&bytes, &mut text);
+                out.push(b'"');
+                out.extend_from_slice(text.as_bytes());
+                out.push(b'"');
+            } else {
+                out.push(b'[');
+                for (j, x) in v.iter().enumerate() {
+                    if j > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(number.format_finite(*x).as_bytes());
+                }
+                out.push(b']');
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"],\"model\":");
+        json::write_str(&mut out, a.model);
+        let prompt = a.prompt_eval_count.unwrap_or(0);
+        out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
+        out.extend_from_slice(super::chunk::itoa(prompt).as_bytes());
+        out.extend_from_slice(b",\"total_tokens\":");
+        out.extend_from_slice(super::chunk::itoa(prompt).as_bytes());
+        out.extend_from_slice(b"}}");
+        Some((out, Usage { prompt, ..Usage::default() }))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Non-stream mappings; expectations written by hand from Ollama's answers
+    //! (<https://github.com/ollama/ollama/blob/main/docs/api.md>) and OpenAI's objects
+    //! (<https://platform.openai.com/docs/api-reference/chat/object>,
+    //! <https://platform.openai.com/docs/api-reference/embeddings/object>).
+
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn chat(answer: Value) -> (Value, Usage) {
+        let (out, usage) = completion(answer.to_string().as_bytes(), "chatcmpl-9").expect("readable");
+        let mut v: Value = serde_json::from_slice(&out).unwrap();
+        assert!(v.as_object_mut().unwrap().remove("created").is_some_and(|c| c.is_u64()));
+        (v, usage)
+    }
+
+    #[test]
+    fn a_chat_answer_becomes_a_chat_completion() {
+        let (v, usage) = chat(json!({"model":"qwen3","created_at":"2025-01-01T00:00:00Z",
+            "message":{"role":"assistant","content":"Paris.","thinking":"Capital of \"France\"."},
+            "done":true,"done_reason":"stop","total_duration":1,"prompt_eval_count":11,"eval_count":3}));
+        assert_eq!(
+            v,
+            json!({"id":"chatcmpl-9","object":"chat.completion","model":"qwen3","choices":[{"index":0,
+                "message":{"role":"assistant","content":"Paris.","reasoning_content":"Capital of \"France\"."},
+                "logprobs":null,"finish_reason":"stop"}],
+                "usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}})
+        );
+        assert_eq!((usage.prompt, usage.completion), (11, 3));
+    }
+
+    #[test]
+    fn tool_calls_get_ids_and_string_arguments_and_counts_may_be_absent() {
+        let (v, usage) = chat(json!({"model":"llama3.2","message":{"role":"assistant","content":"",
+            "tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Paris","days":[1,2]}}},
+                          {"id":"call_own","function":{"name":"now","arguments":{}}}]},
+            "done":true,"done_reason":"stop"}));
+        let calls = &v["choices"][0]["message"]["tool_calls"];
+        assert_eq!(v["choices"][0]["message"]["content"], Value::Null);
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(calls[0]["id"], "call_chatcmpl-9_0");
+        assert_eq!(calls[1]["id"], "call_own");
+        let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, json!({"city":"Paris","days":[1,2]}));
+        assert_eq!(calls[1]["function"], json!({"name":"now","arguments":"{}"}));
+        assert_eq!((usage.prompt, usage.completion), (0, 0));
+        let (v, _) = chat(
+            json!({"model":"m","message":{"role":"assistant","content":"cut"},"done":true,"done_reason":"length"}),
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+        assert!(completion(br#"{"model":"m","done":true}"#, "x").is_none(), "no message: unreadable");
+        assert!(completion(b"not json", "x").is_none());
+    }
+
+    #[test]
+    fn embeddings_come_back_as_floats_or_base64_of_float32() {
+        let answer = json!({"model":"nomic-embed-text","embeddings":[[0.5,-0.25,1e-7],[0.125,2.0,-3.5]],
+            "total_duration":14143917,"load_duration":1019500,"prompt_eval_count":8});
+        let body = answer.to_string();
+        let (out, usage) = embeddings(body.as_bytes(), false).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            json!({"object":"list","data":[
+                {"object":"embedding","index":0,"embedding":[0.5,-0.25,1e-7]},
+                {"object":"embedding","index":1,"embedding":[0.125,2.0,-3.5]}],
+                "model":"nomic-embed-text","usage":{"prompt_tokens":8,"total_tokens":8}})
+        );
+        assert_eq!(usage.prompt, 8);
+        let (out, _) = embeddings(body.as_bytes(), true).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let decode = |s: &Value| -> Vec<f32> {
+            let b = base64::engine::general_purpose::STANDARD.decode(s.as_str().unwrap()).unwrap();
+            b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        };
+        assert_eq!(decode(&v["data"][0]["embedding"]), [0.5, -0.25, 1e-7_f32]);
+        assert_eq!(decode(&v["data"][1]["embedding"]), [0.125, 2.0, -3.5]);
+        assert!(embeddings(br#"{"model":"m","embeddings":[["x"]]}"#, false).is_none());
+    }
+
+    #[test]
+    fn error_statuses_map_with_ollamas_message() {
+        let e = error_of(
+            "local",
+            StatusCode::NOT_FOUND,
+            br#"{"error":"model \"llama9\" not found, try pulling it first"}"#,
+        );
+        assert_eq!((e.status, e.r#type), (StatusCode::NOT_FOUND, "invalid_request_error"));
+        assert_eq!(e.message, "model \"llama9\" not found, try pulling it first");
+        let e = error_of(
+            "local",
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"error":"server busy, please try again.  maximum pending requests exceeded"}"#,
+        );
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        let e = error_of("local", StatusCode::INTERNAL_SERVER_ERROR, b"<html>oops</html>");
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY);
+        assert!(e.message.contains("`local` answered with status 500"), "{}", e.message);
+        let e = error_of("local", StatusCode::UNAUTHORIZED, br#"{"error":"key sk-123 refused"}"#);
+        assert!(!e.message.contains("sk-123"));
+        assert_eq!(e.kind, Kind::UpstreamAuth);
+    }
+}

@@ -1,11 +1,14 @@
-//! Anthropic → OpenAI stream translation: cost per event and heap allocations per event
-//! (a counting allocator), over a long text stream and the recorded thinking stream.
-//! Run: `cargo bench --bench anthropic`. Target: ≤ 1 µs per text event.
+//! Provider stream → OpenAI translation, per translator: cost per event and heap allocations per
+//! event (a counting allocator). Anthropic: a long text stream and the recorded thinking stream;
+//! Ollama: a long NDJSON text stream, and one with a whole tool call per line.
+//! Run: `cargo bench --bench translate`. Target: ≤ 1 µs per text event.
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use lmgate::body::Translating;
 use lmgate::provider::anthropic::stream::Stream;
+use lmgate::provider::ollama::stream::Stream as Ollama;
+use lmgate::provider::Translate;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -48,9 +51,38 @@ fn text_stream() -> Vec<u8> {
     s.into_bytes()
 }
 
-/// Translates a whole stream fed in `chunk`-sized pieces, dropping output as it is produced.
+/// Ollama `/api/chat` lines: `TEXT_EVENTS` text lines, or as many whole tool calls, then `done`.
+fn ollama_stream(tools: bool) -> Vec<u8> {
+    let mut s = String::new();
+    for i in 0..TEXT_EVENTS {
+        let message = if tools {
+            format!(
+                r#"{{"role":"assistant","content":"","tool_calls":[{{"function":{{"name":"get_weather","arguments":{{"city":"Paris {i}","unit":"c","days":[1,2,3]}}}}}}]}}"#
+            )
+        } else {
+            format!(r#"{{"role":"assistant","content":" token {i:04} of a \"quoted\" answer"}}"#)
+        };
+        s.push_str(&format!(
+            "{{\"model\":\"llama3.2\",\"created_at\":\"2025-02-11T15:33:28.0907887Z\",\"message\":{message},\"done\":false}}\n"
+        ));
+    }
+    s.push_str("{\"model\":\"llama3.2\",\"created_at\":\"2025-02-11T15:33:30.8884414Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done_reason\":\"stop\",\"done\":true,\"prompt_eval_count\":26,\"eval_count\":1000}\n");
+    s.into_bytes()
+}
+
+/// Translates a whole Anthropic stream fed in `chunk`-sized pieces.
 fn run(input: &[u8], chunk: usize) -> usize {
-    let mut t = Translating::new(Box::new(Stream::new(true)));
+    run_with(Box::new(Stream::new(true)), input, chunk)
+}
+
+/// Translates a whole Ollama stream fed in `chunk`-sized pieces.
+fn run_ollama(input: &[u8], chunk: usize) -> usize {
+    run_with(Box::new(Ollama::new(true, "chatcmpl-bench")), input, chunk)
+}
+
+/// Translates a whole stream fed in `chunk`-sized pieces, dropping output as it is produced.
+fn run_with(translator: Box<dyn Translate>, input: &[u8], chunk: usize) -> usize {
+    let mut t = Translating::new(translator);
     let mut buf = BytesMut::new();
     let mut out = 0;
     for piece in input.chunks(chunk) {
@@ -83,6 +115,28 @@ fn bench(c: &mut Criterion) {
     g.bench_function("text_events_chunk_64", |b| b.iter_batched(|| (), |_| run(&text, 64), BatchSize::SmallInput));
     g.throughput(Throughput::Bytes(thinking.len() as u64));
     g.bench_function("thinking_fixture_whole", |b| b.iter(|| run(&thinking, thinking.len())));
+    g.finish();
+
+    let text = ollama_stream(false);
+    let tools = ollama_stream(true);
+    for (name, input) in [("text", &text), ("tool-call", &tools)] {
+        for chunk in [64, 4096] {
+            let before = ALLOCS.load(Ordering::Relaxed);
+            let bytes = run_ollama(input, chunk);
+            let n = ALLOCS.load(Ordering::Relaxed) - before;
+            println!(
+                "ollama {name} stream, chunk {chunk}: {n} allocations for {} lines ({:.4} per line, setup included), {} bytes out",
+                TEXT_EVENTS + 1,
+                n as f64 / (TEXT_EVENTS + 1) as f64,
+                bytes
+            );
+        }
+    }
+    let mut g = c.benchmark_group("ollama_translate");
+    g.throughput(Throughput::Elements(TEXT_EVENTS as u64));
+    g.bench_function("text_lines_chunk_4096", |b| b.iter(|| run_ollama(&text, 4096)));
+    g.bench_function("text_lines_chunk_64", |b| b.iter(|| run_ollama(&text, 64)));
+    g.bench_function("tool_call_lines_chunk_4096", |b| b.iter(|| run_ollama(&tools, 4096)));
     g.finish();
 }
 
