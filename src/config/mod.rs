@@ -224,6 +224,19 @@ impl Secrets<'_> {
         line_of(self.source, span)
     }
 
+    /// The connection's `api_key`, resolved, as header `name` with value `prefix` + key (a
+    /// sensitive value); none when no key is set or its variable is missing.
+    pub fn key_header(
+        &mut self,
+        raw: &RawConnection,
+        name: HeaderName,
+        prefix: &str,
+    ) -> Result<Option<(HeaderName, HeaderValue)>, ConfigError> {
+        let what = format!("connections.{}.api_key", self.name);
+        let Some(key) = raw.api_key.as_deref().and_then(|k| self.resolve(what.clone(), k)) else { return Ok(None) };
+        Ok(Some((name, header_value(&what, &format!("{prefix}{}", key.trim()))?)))
+    }
+
     /// The connection's `api_base`, resolved, or `default`.
     pub fn base(&mut self, raw: &RawConnection, default: &str) -> String {
         let base = raw.api_base.as_deref().unwrap_or(default);

@@ -88,15 +88,7 @@ impl Settings {
         }
         // Checks the URL (scheme, host, no credentials, no query) once for every endpoint.
         crate::config::endpoint_url(&key("api_base"), &root, "/openai")?;
-        let mut headers = Vec::new();
-        if let Some(k) = &raw.api_key {
-            if let Some(v) = secrets.resolve(key("api_key"), k) {
-                headers.push((
-                    HeaderName::from_static("api-key"),
-                    crate::config::header_value(&key("api_key"), v.trim())?,
-                ));
-            }
-        }
+        let headers = secrets.key_header(raw, HeaderName::from_static("api-key"), "")?.into_iter().collect();
         let stream_usage = raw.stream_usage.unwrap_or(true);
         let api = if version == "v1" {
             Version::V1(Box::new(openai::Settings::at(&key("api_base"), format!("{root}/openai/v1"), stream_usage)?))

@@ -34,6 +34,7 @@
 
 pub mod anthropic;
 pub mod azure;
+mod chat;
 pub mod chunk;
 pub mod mock;
 pub mod ollama;
@@ -241,8 +242,8 @@ impl Provider {
     pub async fn classify(&self, conn: &Connection, head: Response<Upstream>, plan: &Plan) -> Verdict {
         match self {
             Provider::Openai(_) | Provider::Azure(_) => openai::classify(conn, head),
-            Provider::Anthropic(_) => anthropic::classify(conn, head, plan).await,
-            Provider::Ollama(_) => ollama::classify(conn, head, plan).await,
+            Provider::Anthropic(_) => classify_by_body(conn, head, plan, anthropic::error_of).await,
+            Provider::Ollama(_) => classify_by_body(conn, head, plan, ollama::error_of).await,
             Provider::Mock => mock::classify(head),
         }
     }
@@ -365,6 +366,42 @@ pub fn upstream_post(
         h.insert(name.clone(), value.clone());
     }
     Ok(req)
+}
+
+/// Judges a head for a provider whose error facts are in its body: 2xx is a success; anything
+/// else has its body read (at most [`ERROR_BODY_LIMIT`] bytes) and mapped by `error_of`
+/// (connection name, status, body), with the upstream's `Retry-After`; never relayed.
+pub async fn classify_by_body(
+    conn: &Connection,
+    head: Response<Upstream>,
+    plan: &Plan,
+    error_of: fn(&str, StatusCode, &[u8]) -> Error,
+) -> Verdict {
+    let status = head.status();
+    if status.is_success() {
+        return Verdict::Success(head);
+    }
+    let (parts, body) = head.into_parts();
+    let body = read_body(conn, body, ERROR_BODY_LIMIT, plan.deadline).await.unwrap_or_default();
+    let mut error = error_of(&conn.name, status, &body);
+    error.retry_after = retry_after(&parts.headers);
+    Verdict::Failure { error, relay: None }
+}
+
+/// The client's response for a translated stream: the upstream body through `translator`.
+pub fn translated_stream(conn: &Connection, upstream: Upstream, translator: Box<dyn Translate>) -> Response<Body> {
+    let body = Body::passthrough(upstream, crate::body::Mode::translate(translator), conn.timeouts.idle, &conn.name);
+    let mut r = Response::new(body);
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// The client's response for a translated JSON answer.
+pub fn json_response(out: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Body::full(out));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
 }
 
 /// Reads a whole upstream body of at most `limit` bytes by `deadline`.

@@ -73,13 +73,7 @@ impl Settings {
     ) -> Result<(Provider, Vec<(HeaderName, HeaderValue)>), ConfigError> {
         let key = |k: &str| format!("connections.{name}.{k}");
         let base = secrets.base(raw, DEFAULT_BASE);
-        let mut headers = Vec::new();
-        if let Some(k) = &raw.api_key {
-            if let Some(v) = secrets.resolve(key("api_key"), k) {
-                let value = crate::config::header_value(&key("api_key"), &format!("Bearer {}", v.trim()))?;
-                headers.push((header::AUTHORIZATION, value));
-            }
-        }
+        let headers = secrets.key_header(raw, header::AUTHORIZATION, "Bearer ")?.into_iter().collect();
         let settings = Settings::at(&key("api_base"), base, raw.stream_usage.unwrap_or(true))?;
         Ok((Provider::Openai(settings), headers))
     }

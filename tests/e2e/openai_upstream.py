@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import re
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from recording_server import RecordingServer
+from recording_server import RecordingServer, ScriptedHandler
 
 ANSWER = "Hello from the recording upstream."
 PROMPT_TOKENS = 9
@@ -60,12 +59,7 @@ def _chunks(model: str, include_usage: bool) -> list[dict[str, Any]]:
     return chunks
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
-        pass
-
+class _Handler(ScriptedHandler):
     def do_GET(self) -> None:
         self._record(None)
         self._send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
@@ -89,16 +83,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self, body: Any) -> None:
         headers = {name.lower(): value for name, value in self.headers.items()}
         self.server.owner.record({"method": self.command, "path": self.path, "headers": headers, "body": body})
-
-    def _send_json(self, status: int, body: dict[str, Any]) -> None:
-        self._send(status, "application/json", json.dumps(body).encode())
-
-    def _send(self, status: int, content_type: str, data: bytes) -> None:
-        self.send_response(status)
-        self.send_header("content-type", content_type)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 class RecordingOpenAI(RecordingServer):

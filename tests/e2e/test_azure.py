@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -22,7 +21,7 @@ import openai
 import pytest
 
 from conftest import TEST_KEY, LmgateProcess, sdk_client, start_process
-from recording_server import RecordingServer
+from recording_server import RecordingServer, ScriptedHandler
 
 AZURE_KEY = "az-resource-key-canary"
 API_VERSION = "2024-10-21"
@@ -51,29 +50,24 @@ api_keys = ["{test_key}"]
 """
 
 
-class _Azure(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
+class _Azure(ScriptedHandler):
     def do_POST(self) -> None:
         url = urlsplit(self.path)
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.server.owner.record({"path": url.path, "query": parse_qs(url.query), "headers": dict(self.headers), "body": body})
         parts = url.path.split("/")
         if self.headers.get("api-key") != AZURE_KEY:
-            return self._json(401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key."}})
+            return self._send_json(401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key."}})
         if parts[:3] != ["", "openai", "deployments"] or parse_qs(url.query).get("api-version") != [API_VERSION]:
-            return self._json(404, {"error": {"code": "404", "message": "Resource not found"}})
+            return self._send_json(404, {"error": {"code": "404", "message": "Resource not found"}})
         deployment, endpoint = parts[3], "/".join(parts[4:])
         if deployment == "az-busy":
-            return self._json(429, {"error": {"code": "429", "message": "Rate limit exceeded."}}, {"retry-after": "1"})
+            return self._send_json(429, {"error": {"code": "429", "message": "Rate limit exceeded."}}, {"retry-after": "1"})
         if endpoint == "embeddings":
             return self._embeddings(body)
         if body.get("stream"):
             return self._stream(body)
-        self._json(
+        self._send_json(
             200,
             {
                 "id": "chatcmpl-az1",
@@ -112,19 +106,7 @@ class _Azure(BaseHTTPRequestHandler):
                 item = vector
             data.append({"object": "embedding", "index": i, "embedding": item})
         usage = {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}
-        self._json(200, {"object": "list", "model": "text-embedding-3-small", "data": data, "usage": usage})
-
-    def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        self._send(status, "application/json", json.dumps(body).encode(), headers)
-
-    def _send(self, status: int, content_type: str, data: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("content-type", content_type)
-        self.send_header("content-length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        self._send_json(200, {"object": "list", "model": "text-embedding-3-small", "data": data, "usage": usage})
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +18,7 @@ import openai
 import pytest
 
 from conftest import TEST_KEY, sdk_client, start_process
-from recording_server import RecordingServer
+from recording_server import RecordingServer, ScriptedHandler
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "ollama" / "api-chat-stream.ndjson"
 RECORDED = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
@@ -68,22 +67,17 @@ THINK_LINES = [
 ]
 
 
-class _Ollama(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
+class _Ollama(ScriptedHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.server.owner.record({"path": self.path, "headers": dict(self.headers), "body": body})
         if self.path == "/api/embed":
             return self._embed(body)
         if self.path != "/api/chat":
-            return self._json(404, {"error": "404 page not found"})
+            return self._send_json(404, {"error": "404 page not found"})
         model = body["model"]
         if model == "llama-missing":
-            return self._json(404, {"error": f'model "{model}" not found, try pulling it first'})
+            return self._send_json(404, {"error": f'model "{model}" not found, try pulling it first'})
         lines: list[Any] = {
             "llama3.2": RECORDED,
             "qwen-tools": TOOL_LINES,
@@ -91,7 +85,7 @@ class _Ollama(BaseHTTPRequestHandler):
             "llama-crash": [_line(model, content="Once upon"), {"error": "an error was encountered while running the model"}],
         }.get(model, [_line(model, content=f"Hello from {model}."), _done(model)])
         if not body["stream"]:
-            return self._json(200, self._whole(lines))
+            return self._send_json(200, self._whole(lines))
         data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
         self._send(200, "application/x-ndjson", data)
 
@@ -111,17 +105,7 @@ class _Ollama(BaseHTTPRequestHandler):
     def _embed(self, body: dict[str, Any]) -> None:
         dims = body.get("dimensions", 3)
         vectors = [[round(0.25 * (i + 1) + 0.125 * d, 4) for d in range(dims)] for i, _ in enumerate(body["input"])]
-        self._json(200, {"model": body["model"], "embeddings": vectors, "total_duration": 1, "prompt_eval_count": 4 * len(vectors)})
-
-    def _json(self, status: int, body: dict[str, Any]) -> None:
-        self._send(status, "application/json; charset=utf-8", json.dumps(body).encode())
-
-    def _send(self, status: int, content_type: str, data: bytes) -> None:
-        self.send_response(status)
-        self.send_header("content-type", content_type)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._send_json(200, {"model": body["model"], "embeddings": vectors, "total_duration": 1, "prompt_eval_count": 4 * len(vectors)})
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@
 pub mod request;
 pub mod stream;
 
-use super::{Api, Call, Plan, Prepared, Reply, Translate, Verdict};
-use crate::body::{Body, Mode, Upstream};
+use super::{Api, Call, Plan, Prepared, Reply};
+use crate::body::{Body, Upstream};
 use crate::config::{ConfigError, Connection, RawConnection, Secrets};
 use crate::error::{Error, Kind};
 use crate::json::{self, Raw, Usage};
 use crate::router::Target;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode, Uri};
 use serde::Deserialize;
 use std::time::Instant;
@@ -59,13 +59,10 @@ impl Settings {
         let key = |k: &str| format!("connections.{name}.{k}");
         let base = secrets.base(raw, DEFAULT_BASE);
         let mut headers = Vec::new();
-        let Some(api_key) = &raw.api_key else {
+        if raw.api_key.is_none() {
             return Err(ConfigError(format!("{}: an anthropic connection needs a key", key("api_key"))));
-        };
-        if let Some(v) = secrets.resolve(key("api_key"), api_key) {
-            headers
-                .push((HeaderName::from_static("x-api-key"), crate::config::header_value(&key("api_key"), v.trim())?));
         }
+        headers.extend(secrets.key_header(raw, HeaderName::from_static("x-api-key"), "")?);
         let version = raw.anthropic_version.as_deref().unwrap_or(DEFAULT_VERSION);
         headers.push((
             HeaderName::from_static("anthropic-version"),
@@ -108,20 +105,6 @@ impl Settings {
     }
 }
 
-/// A non-2xx answer is read (bounded) and mapped by its Anthropic error type, which decides the
-/// status and whether another attempt may help (`overloaded_error`, `rate_limit_error`).
-pub async fn classify(conn: &Connection, head: Response<Upstream>, plan: &Plan) -> Verdict {
-    let status = head.status();
-    if status.is_success() {
-        return Verdict::Success(head);
-    }
-    let (parts, body) = head.into_parts();
-    let body = super::read_body(conn, body, super::ERROR_BODY_LIMIT, plan.deadline).await.unwrap_or_default();
-    let mut error = error_of(&conn.name, status, &body);
-    error.retry_after = super::retry_after(&parts.headers);
-    Verdict::Failure { error, relay: None }
-}
-
 /// The client's response: a translated stream, or a translated message and its usage.
 pub async fn respond(
     conn: &Connection,
@@ -129,12 +112,8 @@ pub async fn respond(
     plan: &Plan,
 ) -> Result<(Response<Body>, Option<Usage>), Error> {
     if plan.stream && super::is_event_stream(head.headers()) {
-        let translator: Box<dyn Translate> = Box::new(stream::Stream::new(plan.include_usage));
-        let body = Body::passthrough(head.into_body(), Mode::translate(translator), conn.timeouts.idle, &conn.name);
-        let mut r = Response::new(body);
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok((r, None));
+        let translator = Box::new(stream::Stream::new(plan.include_usage));
+        return Ok((super::translated_stream(conn, head.into_body(), translator), None));
     }
     let body = super::read_body(conn, head.into_body(), MAX_BODY, plan.deadline).await?;
     let (out, usage) = message(&body).ok_or_else(|| {
@@ -143,9 +122,7 @@ pub async fn respond(
             format!("Connection `{}`: the upstream answered with an unreadable message.", conn.name),
         )
     })?;
-    let mut r = Response::new(Body::full(out));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    Ok((r, Some(usage)))
+    Ok((super::json_response(out), Some(usage)))
 }
 
 /// The OpenAI error `type` for an Anthropic one, as a static string.

@@ -22,6 +22,7 @@
 
 use crate::error::Error;
 use crate::json::{self, Raw};
+use crate::provider::chat::{bad, raw_value, InContent, InMessage, InToolCall, Stop, StreamOptions};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -78,64 +79,6 @@ struct ChatRequest<'a> {
 struct ResponseFormat {
     #[serde(rename = "type")]
     kind: String,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    include_usage: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct InMessage<'a> {
-    role: String,
-    #[serde(default)]
-    content: Option<InContent>,
-    #[serde(borrow, default)]
-    tool_calls: Option<Vec<InToolCall<'a>>>,
-    tool_call_id: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum InContent {
-    Text(String),
-    Parts(Vec<InPart>),
-}
-
-#[derive(Deserialize)]
-struct InPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-    image_url: Option<ImageUrl>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ImageUrl {
-    Object { url: String },
-    Url(String),
-}
-
-#[derive(Deserialize)]
-struct InToolCall<'a> {
-    id: String,
-    #[serde(borrow)]
-    function: InCall<'a>,
-}
-
-#[derive(Deserialize)]
-struct InCall<'a> {
-    name: String,
-    #[serde(borrow)]
-    arguments: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -238,10 +181,6 @@ struct ToolChoiceOut {
     disable_parallel_tool_use: bool,
 }
 
-fn bad(param: &'static str, message: impl Into<String>) -> Error {
-    Error::invalid_request(message).param(param)
-}
-
 fn unsupported(param: &'static str) -> Error {
     bad(param, format!("`{param}` is not supported for Anthropic models with this value."))
 }
@@ -328,14 +267,7 @@ fn translate_parsed(req: ChatRequest, model: &str, default_max_tokens: u64) -> R
     let tool_choice = tool_choice(req.tool_choice, req.parallel_tool_calls)?;
 
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(default_max_tokens);
-    let stop_sequences = match req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    }
-    .into_iter()
-    .filter(|s| !s.is_empty())
-    .collect();
+    let stop_sequences = Stop::sequences(req.stop);
     let stream = req.stream.unwrap_or(false);
     let out = MessagesRequest {
         model,
@@ -406,11 +338,6 @@ fn reject_unsupported(r: &ChatRequest) -> Result<(), Error> {
     Ok(())
 }
 
-/// Rendered JSON as a value serde_json embeds as it is.
-fn raw_value(raw: Raw) -> Option<Box<RawValue>> {
-    RawValue::from_string(String::from_utf8(raw.0).ok()?).ok()
-}
-
 fn empty_schema() -> &'static RawValue {
     static SCHEMA: std::sync::LazyLock<Box<RawValue>> = std::sync::LazyLock::new(|| {
         RawValue::from_string(r#"{"type":"object","properties":{}}"#.to_owned()).expect("valid JSON")
@@ -453,10 +380,7 @@ fn content_blocks(content: Option<InContent>, i: usize) -> Result<Vec<Block>, Er
         match (p.kind.as_str(), p.text, p.image_url) {
             ("text", Some(t), _) => out.extend(non_empty(t)),
             ("image_url", _, Some(img)) => {
-                let url = match img {
-                    ImageUrl::Object { url } | ImageUrl::Url(url) => url,
-                };
-                out.push(Block::Image { source: image_source(url, i)? });
+                out.push(Block::Image { source: image_source(img.url(), i)? });
             }
             (kind, _, _) => {
                 return Err(bad(
@@ -486,17 +410,7 @@ fn image_source(url: String, i: usize) -> Result<ImageSource, Error> {
 }
 
 fn tool_use(call: InToolCall, i: usize) -> Result<Block, Error> {
-    let args = call.function.arguments.as_deref().unwrap_or("").trim();
-    let input = if args.is_empty() { "{}" } else { args };
-    // The arguments string must hold a JSON object; it is embedded as written.
-    if json::members(input.as_bytes(), |_, _| true).is_err() {
-        return Err(bad(
-            "messages",
-            format!("messages[{i}]: tool call `{}` has arguments that are not a JSON object.", call.id),
-        ));
-    }
-    let input = RawValue::from_string(input.to_owned())
-        .map_err(|_| bad("messages", format!("messages[{i}]: invalid tool call arguments.")))?;
+    let input = call.arguments_object(i)?;
     Ok(Block::ToolUse { id: call.id, name: call.function.name, input })
 }
 

@@ -13,8 +13,8 @@
 pub mod request;
 pub mod stream;
 
-use super::{Api, Call, Plan, Prepared, Reply, Translate, Verdict};
-use crate::body::{Body, Mode, Upstream};
+use super::{Api, Call, Plan, Prepared, Reply};
+use crate::body::{Body, Upstream};
 use crate::config::{ConfigError, Connection, RawConnection, Secrets};
 use crate::error::{Error, Kind};
 use crate::json::{self, Raw, Usage};
@@ -53,13 +53,7 @@ impl Settings {
     ) -> Result<(super::Provider, Vec<(HeaderName, HeaderValue)>), ConfigError> {
         let key = |k: &str| format!("connections.{name}.{k}");
         let base = secrets.base(raw, DEFAULT_BASE);
-        let mut headers = Vec::new();
-        if let Some(k) = &raw.api_key {
-            if let Some(v) = secrets.resolve(key("api_key"), k) {
-                let value = crate::config::header_value(&key("api_key"), &format!("Bearer {}", v.trim()))?;
-                headers.push((header::AUTHORIZATION, value));
-            }
-        }
+        let headers = secrets.key_header(raw, header::AUTHORIZATION, "Bearer ")?.into_iter().collect();
         let url = |path: &str| crate::config::endpoint_url(&key("api_base"), &base, path);
         let (chat, embed) = (url("/api/chat")?, url("/api/embed")?);
         Ok((super::Provider::Ollama(Settings { base, chat, embed }), headers))
@@ -105,19 +99,6 @@ impl Settings {
     }
 }
 
-/// A non-2xx answer is read (bounded) for Ollama's `{"error": "..."}` message.
-pub async fn classify(conn: &Connection, head: Response<Upstream>, plan: &Plan) -> Verdict {
-    let status = head.status();
-    if status.is_success() {
-        return Verdict::Success(head);
-    }
-    let (parts, body) = head.into_parts();
-    let body = super::read_body(conn, body, super::ERROR_BODY_LIMIT, plan.deadline).await.unwrap_or_default();
-    let mut error = error_of(&conn.name, status, &body);
-    error.retry_after = super::retry_after(&parts.headers);
-    Verdict::Failure { error, relay: None }
-}
-
 #[derive(Deserialize)]
 struct ErrorBody {
     error: String,
@@ -151,12 +132,8 @@ pub async fn respond(
 ) -> Result<(Response<Body>, Option<Usage>), Error> {
     let id = response_id();
     if plan.stream && plan.reply == Reply::Chat {
-        let translator: Box<dyn Translate> = Box::new(stream::Stream::new(plan.include_usage, &id));
-        let body = Body::passthrough(head.into_body(), Mode::translate(translator), conn.timeouts.idle, &conn.name);
-        let mut r = Response::new(body);
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok((r, None));
+        let translator = Box::new(stream::Stream::new(plan.include_usage, &id));
+        return Ok((super::translated_stream(conn, head.into_body(), translator), None));
     }
     let body = super::read_body(conn, head.into_body(), MAX_BODY, plan.deadline).await?;
     let rendered = match plan.reply {
@@ -169,9 +146,7 @@ pub async fn respond(
             format!("Connection `{}`: the upstream answered with an unreadable body.", conn.name),
         )
     })?;
-    let mut r = Response::new(Body::full(out));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    Ok((r, Some(usage)))
+    Ok((super::json_response(out), Some(usage)))
 }
 
 /// A fresh `chatcmpl-` id (Ollama's answers carry none).

@@ -18,6 +18,7 @@
 
 use crate::error::Error;
 use crate::json::{self, Raw};
+use crate::provider::chat::{bad, InContent, InMessage, InToolCall, Stop, StreamOptions};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -64,18 +65,6 @@ struct ChatRequest<'a> {
 }
 
 #[derive(Deserialize)]
-struct StreamOptions {
-    include_usage: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
 #[serde(untagged)]
 enum ToolChoice<'a> {
     #[serde(borrow)]
@@ -93,51 +82,6 @@ struct ResponseFormat {
 #[derive(Deserialize)]
 struct JsonSchema {
     schema: Option<Raw>,
-}
-
-#[derive(Deserialize)]
-struct InMessage<'a> {
-    role: String,
-    content: Option<InContent>,
-    #[serde(borrow)]
-    tool_calls: Option<Vec<InToolCall<'a>>>,
-    tool_call_id: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum InContent {
-    Text(String),
-    Parts(Vec<InPart>),
-}
-
-#[derive(Deserialize)]
-struct InPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-    image_url: Option<ImageUrl>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ImageUrl {
-    Object { url: String },
-    Url(String),
-}
-
-#[derive(Deserialize)]
-struct InToolCall<'a> {
-    id: String,
-    #[serde(borrow)]
-    function: InCall<'a>,
-}
-
-#[derive(Deserialize)]
-struct InCall<'a> {
-    name: String,
-    #[serde(borrow)]
-    arguments: Option<Cow<'a, str>>,
 }
 
 #[derive(Serialize)]
@@ -213,10 +157,6 @@ struct ToolCallOut {
 struct FunctionOut {
     name: String,
     arguments: Box<RawValue>,
-}
-
-fn bad(param: &'static str, message: impl Into<String>) -> Error {
-    Error::invalid_request(message).param(param)
 }
 
 fn unsupported(param: &'static str) -> Error {
@@ -297,11 +237,6 @@ fn chat_parsed(req: ChatRequest, model: &str) -> Result<Translated, Error> {
         Some("high") => Some(Think::Level("high")),
         Some(other) => return Err(bad("reasoning_effort", format!("Unknown `reasoning_effort` `{other}`."))),
     };
-    let stop = match req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
     let options = Options {
         num_predict: req.max_completion_tokens.or(req.max_tokens),
         temperature: req.temperature,
@@ -309,7 +244,7 @@ fn chat_parsed(req: ChatRequest, model: &str) -> Result<Translated, Error> {
         seed: req.seed,
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
-        stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        stop: Stop::sequences(req.stop),
     };
     let stream = req.stream.unwrap_or(false);
     let out = ChatOut { model, messages, stream, tools, format, think, options };
@@ -374,10 +309,7 @@ fn content(content: Option<InContent>, i: usize, images_allowed: bool) -> Result
                 text.push_str(&t);
             }
             ("image_url", _, Some(img)) if images_allowed => {
-                let url = match img {
-                    ImageUrl::Object { url } | ImageUrl::Url(url) => url,
-                };
-                images.push(image(url, i, j)?);
+                images.push(image(img.url(), i, j)?);
             }
             (kind, _, _) => {
                 return Err(bad(
@@ -406,26 +338,14 @@ fn image(url: String, i: usize, j: usize) -> Result<String, Error> {
 }
 
 fn tool_call(call: &InToolCall, i: usize) -> Result<ToolCallOut, Error> {
-    let args = call.function.arguments.as_deref().unwrap_or("").trim();
-    let args = if args.is_empty() { "{}" } else { args };
-    // Ollama wants the arguments as an object: the string must hold one, embedded as written.
-    if json::members(args.as_bytes(), |_, _| true).is_err() {
-        return Err(bad(
-            "messages",
-            format!("messages[{i}]: tool call `{}` has arguments that are not a JSON object.", call.id),
-        ));
-    }
-    let arguments = RawValue::from_string(args.to_owned())
-        .map_err(|_| bad("messages", format!("messages[{i}]: invalid tool call arguments.")))?;
+    // Ollama wants the arguments as an object.
+    let arguments = call.arguments_object(i)?;
     Ok(ToolCallOut { function: FunctionOut { name: call.function.name.clone(), arguments } })
 }
 
-/// Rendered JSON as a value serde_json embeds as it is.
+/// Rendered JSON embedded as it is; a 400 naming `param` if it cannot be.
 fn raw_value(raw: Raw, param: &'static str) -> Result<Box<RawValue>, Error> {
-    String::from_utf8(raw.0)
-        .ok()
-        .and_then(|s| RawValue::from_string(s).ok())
-        .ok_or_else(|| bad(param, format!("Invalid `{param}`.")))
+    crate::provider::chat::raw_value(raw).ok_or_else(|| bad(param, format!("Invalid `{param}`.")))
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,117 @@
+//! The parts of an OpenAI chat request (<https://platform.openai.com/docs/api-reference/chat/create>)
+//! that every translating provider reads the same way: messages, their content and tool calls,
+//! `stop`, `stream_options`; and the checks they share. Each provider's `request.rs` holds its
+//! own top-level request type (the parameters it maps or refuses) around these.
+
+use crate::error::Error;
+use crate::json::{self, Raw};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+
+#[derive(Deserialize)]
+pub(crate) struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// `stop`: one sequence or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    /// The non-empty sequences.
+    pub fn sequences(stop: Option<Stop>) -> Vec<String> {
+        let all = match stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        all.into_iter().filter(|s| !s.is_empty()).collect()
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct InMessage<'a> {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<InContent>,
+    #[serde(borrow, default)]
+    pub tool_calls: Option<Vec<InToolCall<'a>>>,
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum InContent {
+    Text(String),
+    Parts(Vec<InPart>),
+}
+
+#[derive(Deserialize)]
+pub(crate) struct InPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+    pub image_url: Option<ImageUrl>,
+}
+
+/// `image_url`: `{"url": ...}`, or the URL alone.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum ImageUrl {
+    Object { url: String },
+    Url(String),
+}
+
+impl ImageUrl {
+    pub fn url(self) -> String {
+        match self {
+            ImageUrl::Object { url } | ImageUrl::Url(url) => url,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct InToolCall<'a> {
+    pub id: String,
+    #[serde(borrow)]
+    pub function: InCall<'a>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct InCall<'a> {
+    pub name: String,
+    #[serde(borrow)]
+    pub arguments: Option<Cow<'a, str>>,
+}
+
+impl InToolCall<'_> {
+    /// The JSON-string `arguments` as the object they must hold (empty: `{}`), embedded as
+    /// written; a 400 naming `messages[i]` otherwise.
+    pub fn arguments_object(&self, i: usize) -> Result<Box<RawValue>, Error> {
+        let args = self.function.arguments.as_deref().unwrap_or("").trim();
+        let args = if args.is_empty() { "{}" } else { args };
+        if json::members(args.as_bytes(), |_, _| true).is_err() {
+            return Err(bad(
+                "messages",
+                format!("messages[{i}]: tool call `{}` has arguments that are not a JSON object.", self.id),
+            ));
+        }
+        RawValue::from_string(args.to_owned())
+            .map_err(|_| bad("messages", format!("messages[{i}]: invalid tool call arguments.")))
+    }
+}
+
+/// A 400 naming `param`.
+pub(crate) fn bad(param: &'static str, message: impl Into<String>) -> Error {
+    Error::invalid_request(message).param(param)
+}
+
+/// Rendered JSON as a value serde_json embeds as it is.
+pub(crate) fn raw_value(raw: Raw) -> Option<Box<RawValue>> {
+    RawValue::from_string(String::from_utf8(raw.0).ok()?).ok()
+}
