@@ -219,6 +219,9 @@ def test_errors_before_and_during_a_stream(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIError) as e:
         stream(client, "llama-crash")
     assert "an error was encountered while running the model" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="llama3.2", prompt="Once upon a time")
+    assert e.value.body["param"] == "model" and "/v1/chat/completions" in e.value.message
 
 
 @pytest.mark.parametrize("encoding", ["float", "base64", None])

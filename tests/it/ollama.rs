@@ -2,7 +2,8 @@
 //! (tests/fixtures/ollama, `*.expected.jsonl`, written from the recorded lines and the mapping in
 //! `src/provider/ollama/stream.rs`'s header, not produced by the translator), at whole, one-byte
 //! and random chunkings, with and without the usage chunk; a last line without its LF; an
-//! error line after the status was sent.
+//! error line after the status was sent; and random streams (text with escapes, thinking, whole
+//! tool calls) against a naive reference translation built with serde_json.
 
 use crate::anthropic::{openai_events, random_cuts, translate_with, without_usage};
 use lmgate::provider::ollama::stream::Stream;
@@ -63,4 +64,133 @@ fn a_stream_cut_before_its_done_line_ends_with_an_error() {
     let got = translate(cut, &[], false);
     let last = got.last().unwrap();
     assert!(last["error"]["message"].as_str().unwrap().contains("ended before it was complete"), "{last}");
+}
+
+/// A small deterministic generator (xorshift), so a failure names its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Text with the characters that need care: quotes, backslashes, control characters,
+    /// non-ASCII, and sometimes nothing.
+    fn text(&mut self) -> String {
+        const PIECES: &[&str] = &["a", " token", "\"", "\\", "\n", "\t", "é", "日本", "😀", "{}", "</s>", "\u{1}"];
+        (0..self.below(5)).map(|_| PIECES[self.below(PIECES.len() as u64) as usize]).collect()
+    }
+}
+
+/// A random `/api/chat` stream: lines with text, thinking and whole tool calls, then `done`.
+fn random_stream(rng: &mut Rng) -> Vec<Value> {
+    let mut lines = Vec::new();
+    for _ in 0..rng.below(12) {
+        let mut message = serde_json::json!({"role": "assistant", "content": rng.text()});
+        if rng.below(4) == 0 {
+            message["thinking"] = Value::String(rng.text());
+        }
+        if rng.below(5) == 0 {
+            let calls: Vec<Value> = (0..1 + rng.below(2))
+                .map(|_| {
+                    let args =
+                        serde_json::json!({"q": rng.text(), "n": rng.below(100), "list": [rng.text(), null, true]});
+                    serde_json::json!({"function": {"name": format!("tool_{}", rng.below(3)), "arguments": args}})
+                })
+                .collect();
+            message["tool_calls"] = Value::Array(calls);
+        }
+        lines.push(
+            serde_json::json!({"model": "m", "created_at": "2025-01-01T00:00:00Z", "message": message, "done": false}),
+        );
+    }
+    let reason = ["stop", "length", "load"][rng.below(3) as usize];
+    let mut done = serde_json::json!({"model": "m", "message": {"role": "assistant", "content": ""}, "done": true, "done_reason": reason});
+    if rng.below(2) == 0 {
+        done["prompt_eval_count"] = Value::from(rng.below(1000));
+    }
+    done["eval_count"] = Value::from(rng.below(1000));
+    lines.push(done);
+    lines
+}
+
+/// The naive translation, from parsed lines and the mapping rules (module header of
+/// `src/provider/ollama/stream.rs`): what the translator must produce, as JSON values.
+fn reference(lines: &[Value], include_usage: bool) -> Vec<Value> {
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = serde_json::json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
+    let mut out = vec![chunk(serde_json::json!({"role": "assistant", "content": ""}), Value::Null)];
+    let mut tools = 0u64;
+    for line in lines {
+        let m = &line["message"];
+        for (key, to) in [("thinking", "reasoning_content"), ("content", "content")] {
+            if let Some(t) = m[key].as_str().filter(|t| !t.is_empty()) {
+                out.push(chunk(serde_json::json!({ to: t }), Value::Null));
+            }
+        }
+        for call in m["tool_calls"].as_array().into_iter().flatten() {
+            let f = &call["function"];
+            out.push(chunk(
+                serde_json::json!({"tool_calls": [{"index": tools, "id": format!("call_chatcmpl-test_{tools}"), "type": "function",
+                    "function": {"name": f["name"], "arguments": f["arguments"].to_string()}}]}),
+                Value::Null,
+            ));
+            tools += 1;
+        }
+        if line["done"] == true {
+            let finish = match line["done_reason"].as_str() {
+                Some("length") => "length",
+                _ if tools > 0 => "tool_calls",
+                _ => "stop",
+            };
+            out.push(chunk(serde_json::json!({}), Value::String(finish.into())));
+            if include_usage {
+                let (p, c) =
+                    (line["prompt_eval_count"].as_u64().unwrap_or(0), line["eval_count"].as_u64().unwrap_or(0));
+                out.push(serde_json::json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "m", "choices": [],
+                    "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}));
+            }
+            out.push(Value::String("[DONE]".into()));
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn random_streams_match_the_naive_reference_at_random_chunkings() {
+    for seed in 1..=300u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let lines = random_stream(&mut rng);
+        let input: Vec<u8> = lines.iter().flat_map(|l| format!("{l}\n").into_bytes()).collect();
+        let include_usage = seed % 2 == 0;
+        let cuts = random_cuts(input.len(), seed);
+        let got = translate(&input, &cuts, include_usage);
+        // Arguments are compared as JSON (the translator keeps the upstream's text).
+        let normalise = |events: Vec<Value>| -> Vec<Value> {
+            events
+                .into_iter()
+                .map(|mut e| {
+                    if let Some(a) = e.pointer_mut("/choices/0/delta/tool_calls/0/function/arguments") {
+                        *a = serde_json::from_str(a.as_str().unwrap()).unwrap();
+                    }
+                    e
+                })
+                .collect()
+        };
+        assert_eq!(normalise(got), normalise(reference(&lines, include_usage)), "seed {seed}: {input:?}");
+    }
 }
