@@ -363,3 +363,45 @@ fn ollama_lines_translate_without_allocating_once_warm() {
     assert!(per_chunking[0] >= MEASURED * 35, "the measured part produced output ({per_chunking:?})");
     assert!(per_chunking.windows(2).all(|w| w[0] == w[1]), "output events by chunking {per_chunking:?}");
 }
+
+/// Azure's recorded stream through the passthrough (usage asked for on the client's behalf, so
+/// every event is inspected): its prompt-filter chunk and content-filter chunks, repeated, cost
+/// no allocation once warm, and every byte but the usage event reaches the client.
+#[tokio::test]
+async fn azure_recorded_stream_passes_through_without_allocating_once_warm() {
+    let mut cx = Context::from_waker(Waker::noop());
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/azure/chat-stream-model-router.ndjson",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let events: Vec<String> = text.lines().filter(|l| !l.is_empty()).map(|l| format!("data: {l}\n\n")).collect();
+    let (usage, middle) = events.split_last().unwrap();
+    let middle = middle.concat();
+    let (warm, measured) = (200, 300);
+    for size in [64, 4096] {
+        let stream = middle.repeat(warm + measured) + usage + "data: [DONE]\n\n";
+        let reads = frames(stream.as_bytes(), size);
+        let n_warm = reads.len() * warm / (warm + measured);
+        let served = Arc::new(AtomicUsize::new(0));
+        let upstream = Scripted { frames: reads, ready: false, burst: false, served: served.clone() };
+        let mut body = Body::passthrough_from(upstream, Mode::sse(true), Duration::from_secs(60), "test");
+        let mut warm_events = 0;
+        while served.load(Ordering::Relaxed) < n_warm {
+            warm_events += poll_once(&mut body, &mut cx).expect("the stream goes on");
+        }
+        let mut out_events = 0;
+        let allocations = counting::count(|| {
+            while let Some(events) = poll_once(&mut body, &mut cx) {
+                out_events += events;
+            }
+        });
+        let per_round = events.len() - 1;
+        assert_eq!(
+            warm_events + out_events,
+            per_round * (warm + measured) + 1,
+            "reads of {size}: all but the usage event"
+        );
+        assert_eq!(allocations, 0, "reads of {size}: {allocations} allocations for {out_events} events");
+    }
+}
