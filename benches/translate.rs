@@ -1,12 +1,14 @@
 //! Provider stream → OpenAI translation, per translator: cost per event and heap allocations per
 //! event (a counting allocator). Anthropic: a long text stream and the recorded thinking stream;
-//! Ollama: a long NDJSON text stream, and one with a whole tool call per line.
+//! Ollama: a long NDJSON text stream, and one with a whole tool call per line; Gemini: a long
+//! SSE text stream.
 //! Run: `cargo bench --bench translate`. Target: ≤ 1 µs per text event.
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use lmgate::body::Translating;
 use lmgate::provider::anthropic::stream::Stream;
+use lmgate::provider::gemini::stream::Stream as Gemini;
 use lmgate::provider::ollama::stream::Stream as Ollama;
 use lmgate::provider::Translate;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -67,6 +69,18 @@ fn ollama_stream(tools: bool) -> Vec<u8> {
         ));
     }
     s.push_str("{\"model\":\"llama3.2\",\"created_at\":\"2025-02-11T15:33:30.8884414Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done_reason\":\"stop\",\"done\":true,\"prompt_eval_count\":26,\"eval_count\":1000}\n");
+    s.into_bytes()
+}
+
+/// Gemini SSE events: `TEXT_EVENTS` text events, then the one with `finishReason`.
+fn gemini_stream() -> Vec<u8> {
+    let mut s = String::new();
+    for i in 0..TEXT_EVENTS {
+        s.push_str(&format!(
+            "data: {{\"candidates\": [{{\"content\": {{\"parts\": [{{\"text\": \" token {i:04} of a \\\"quoted\\\" answer\"}}],\"role\": \"model\"}}}}],\"usageMetadata\": {{\"promptTokenCount\": 15,\"totalTokenCount\": 15}},\"modelVersion\": \"gemini-2.5-flash\",\"responseId\": \"w1peaMz6INOvnvgPgYfPiQY\"}}\r\n\r\n"
+        ));
+    }
+    s.push_str("data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"\"}],\"role\": \"model\"},\"finishReason\": \"STOP\"}],\"usageMetadata\": {\"promptTokenCount\": 15,\"candidatesTokenCount\": 1000,\"totalTokenCount\": 1015}}\r\n\r\n");
     s.into_bytes()
 }
 
@@ -132,6 +146,20 @@ fn bench(c: &mut Criterion) {
             );
         }
     }
+    let gemini = gemini_stream();
+    let before = ALLOCS.load(Ordering::Relaxed);
+    let bytes = run_with(Box::new(Gemini::new(true, "chatcmpl-bench")), &gemini, 4096);
+    let n = ALLOCS.load(Ordering::Relaxed) - before;
+    println!("gemini text stream, chunk 4096: {n} allocations for {} events, {bytes} bytes out", TEXT_EVENTS + 1);
+    let mut g = c.benchmark_group("gemini_translate");
+    g.throughput(Throughput::Elements(TEXT_EVENTS as u64));
+    for chunk in [4096, 64] {
+        g.bench_function(format!("text_events_chunk_{chunk}"), |b| {
+            b.iter(|| run_with(Box::new(Gemini::new(true, "chatcmpl-bench")), &gemini, chunk))
+        });
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("ollama_translate");
     g.throughput(Throughput::Elements(TEXT_EVENTS as u64));
     g.bench_function("text_lines_chunk_4096", |b| b.iter(|| run_ollama(&text, 4096)));

@@ -215,6 +215,12 @@ pub fn ollama_stream(input: &[u8]) {
     translated_stream(input, |usage| Box::new(lmgate::provider::ollama::stream::Stream::new(usage, "chatcmpl-fuzz")));
 }
 
+/// `gemini_stream`: as [`anthropic_stream`], the rest being a Gemini `streamGenerateContent` SSE
+/// stream.
+pub fn gemini_stream(input: &[u8]) {
+    translated_stream(input, |usage| Box::new(lmgate::provider::gemini::stream::Stream::new(usage, "chatcmpl-fuzz")));
+}
+
 /// The first byte picks usage on or off, the next two seed split points, the rest is a provider
 /// stream for the translator `make` builds. Translation (the stream's end included) never
 /// panics; whole and split feeding give the same output; the output is SSE whose data lines are

@@ -94,6 +94,140 @@ pub fn write_usage(out: &mut impl BufMut, usage: Usage, cached: Option<u64>) {
     out.put_u8(b'}');
 }
 
+/// The chunks of one translated chat stream whose provider sends tool calls whole (Ollama,
+/// Gemini): the role chunk, deltas, one complete `tool_calls` delta per call, and the end (finish
+/// chunk, usage chunk when asked for, `[DONE]`). Allocates at construction and while its
+/// scratch buffer grows to the largest tool call, never per chunk after that.
+pub struct Whole {
+    include_usage: bool,
+    /// The response id as a JSON string token; tool calls without an id of their own are named
+    /// after it.
+    id: Vec<u8>,
+    prefix: Prefix,
+    created: u64,
+    /// Tool calls sent so far.
+    pub tools: u32,
+    /// Reused for one tool call's id and arguments.
+    scratch: Vec<u8>,
+}
+
+impl Whole {
+    /// Chunks of response `id` (`chatcmpl-...`); `include_usage` is whether the client asked for
+    /// the usage chunk. The model is `"unknown"` until [`Whole::start`] names it.
+    pub fn new(include_usage: bool, id: &str) -> Self {
+        let mut token = Vec::with_capacity(id.len() + 2);
+        crate::json::write_str(&mut token, id);
+        let mut w = Whole {
+            include_usage,
+            id: token,
+            prefix: Prefix::default(),
+            created: crate::provider::unix_now(),
+            tools: 0,
+            scratch: Vec::new(),
+        };
+        w.prefix.set("chat.completion.chunk", &w.id, w.created, b"\"unknown\"");
+        w
+    }
+
+    /// The role chunk, after naming the model when `model` is a string token of sane length.
+    pub fn start(&mut self, model: Option<&[u8]>, out: &mut impl BufMut) {
+        if let Some(model) = model.filter(|m| m.first() == Some(&b'"') && m.len() <= 512) {
+            self.prefix.set("chat.completion.chunk", &self.id, self.created, model);
+        }
+        self.delta(out, &[b"{\"role\":\"assistant\",\"content\":\"\"}"], None);
+    }
+
+    /// One chunk with `delta` (the parts of a JSON object text) and a finish reason.
+    pub fn delta(&self, out: &mut impl BufMut, delta: &[&[u8]], finish: Option<&str>) {
+        write_delta_chunk(&self.prefix, out, delta, finish, self.include_usage);
+    }
+
+    /// One whole tool call as one delta: `name` a JSON string token, `args` the arguments as a
+    /// JSON object text (or already a string token; none: `{}`), the id the provider's own
+    /// (`own_id`, a string token) or `call_{response id}_{k}`, followed by `.` and `suffix`
+    /// (text safe inside a JSON string) when given. The error says what is malformed.
+    pub fn tool_call(
+        &mut self,
+        out: &mut impl BufMut,
+        own_id: Option<&[u8]>,
+        suffix: Option<&[u8]>,
+        name: &[u8],
+        args: Option<&[u8]>,
+    ) -> Result<(), &'static str> {
+        let k = itoa(u64::from(self.tools));
+        let s = &mut self.scratch;
+        s.clear();
+        match own_id.filter(|t| t.first() == Some(&b'"') && t.len() > 2 && t.len() <= 512) {
+            Some(id) => s.extend_from_slice(&id[..id.len() - 1]),
+            None => {
+                s.extend_from_slice(b"\"call_");
+                s.extend_from_slice(&self.id[1..self.id.len() - 1]);
+                s.push(b'_');
+                s.extend_from_slice(k.as_bytes());
+            }
+        }
+        if let Some(suffix) = suffix {
+            s.push(b'.');
+            s.extend_from_slice(suffix);
+        }
+        s.push(b'"');
+        let id_end = s.len();
+        match args {
+            Some(a) if a.first() == Some(&b'"') => s.extend_from_slice(a),
+            Some(a) if a.first() == Some(&b'{') => write_as_string(s, a),
+            None | Some(b"null") => s.extend_from_slice(b"\"{}\""),
+            Some(_) => return Err("the arguments are not an object"),
+        }
+        self.tools += 1;
+        let (id, args) = self.scratch.split_at(id_end);
+        let delta: [&[u8]; 9] = [
+            b"{\"tool_calls\":[{\"index\":",
+            k.as_bytes(),
+            b",\"id\":",
+            id,
+            b",\"type\":\"function\",\"function\":{\"name\":",
+            name,
+            b",\"arguments\":",
+            args,
+            b"}}]}",
+        ];
+        self.delta(out, &delta, None);
+        Ok(())
+    }
+
+    /// The end: the finish chunk, the usage chunk when asked for, `[DONE]`.
+    pub fn end(&self, out: &mut impl BufMut, finish: &str, usage: Usage) {
+        self.delta(out, &[b"{}"], Some(finish));
+        if self.include_usage {
+            self.prefix.usage_chunk(out, usage, (usage.cached > 0).then_some(usage.cached));
+        }
+        out.put_slice(b"data: [DONE]\n\n");
+    }
+}
+
+/// `value`, a JSON text validated by the scanner, as a JSON string token: quotes and
+/// backslashes escaped, and the whitespace allowed between tokens (`\n`, `\r`, `\t`) too, since
+/// a string may not hold them raw. Control characters cannot occur elsewhere in valid JSON text.
+pub fn write_as_string(out: &mut Vec<u8>, value: &[u8]) {
+    out.push(b'"');
+    let mut from = 0;
+    for (i, &b) in value.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        out.extend_from_slice(&value[from..i]);
+        out.extend_from_slice(escaped);
+        from = i + 1;
+    }
+    out.extend_from_slice(&value[from..]);
+    out.push(b'"');
+}
+
 /// Decimal digits of a number in a stack buffer.
 pub struct Digits {
     buf: [u8; 20],

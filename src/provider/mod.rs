@@ -36,6 +36,7 @@ pub mod anthropic;
 pub mod azure;
 mod chat;
 pub mod chunk;
+pub mod gemini;
 pub mod mock;
 pub mod ollama;
 pub mod openai;

@@ -341,10 +341,23 @@ fn ollama_lines_translate_without_allocating_once_warm() {
     let text = String::from_utf8(recorded).unwrap();
     let (content, done) = text.trim_end().rsplit_once('\n').unwrap();
     let middle = format!("{content}\n{OLLAMA_MIDDLE}");
+    let events = steady_state("ollama", || Box::new(Ollama::new(true, "chatcmpl-test")), &middle, &format!("{done}\n"));
+    assert!(events >= MEASURED * 35, "the measured part produced output ({events})");
+}
+
+/// Feeds `middle` `WARM` times, then counts allocations over `MEASURED` more repetitions at
+/// several chunk sizes, then `tail`, which must complete the stream; returns the output events
+/// of the measured part (the same at every chunk size).
+fn steady_state(
+    name: &str,
+    make: impl Fn() -> Box<dyn lmgate::provider::Translate>,
+    middle: &str,
+    tail: &str,
+) -> usize {
     let (warm, measured) = (middle.repeat(WARM), middle.repeat(MEASURED));
     let mut per_chunking = Vec::new();
     for chunk in [1, 7, 64, 4096, usize::MAX] {
-        let mut t = Translating::new(Box::new(Ollama::new(true, "chatcmpl-test")));
+        let mut t = Translating::new(make());
         let mut out = BytesMut::new();
         feed(&mut t, warm.as_bytes(), chunk, &mut out);
         let mut out_events = 0;
@@ -355,13 +368,14 @@ fn ollama_lines_translate_without_allocating_once_warm() {
                 out_events += events_in(&frame);
             }
         });
-        feed(&mut t, format!("{done}\n").as_bytes(), chunk, &mut out);
-        assert!(t.done(), "the stream completes");
-        assert_eq!(allocations, 0, "chunk {chunk}: {allocations} allocations over {MEASURED} repetitions");
+        feed(&mut t, tail.as_bytes(), chunk, &mut out);
+        assert!(t.done(), "{name}: the stream completes");
+        assert_eq!(allocations, 0, "{name}, chunk {chunk}: {allocations} allocations over {MEASURED} repetitions");
         per_chunking.push(out_events);
     }
-    assert!(per_chunking[0] >= MEASURED * 35, "the measured part produced output ({per_chunking:?})");
-    assert!(per_chunking.windows(2).all(|w| w[0] == w[1]), "output events by chunking {per_chunking:?}");
+    assert!(per_chunking[0] >= MEASURED, "{name}: the measured part produced output ({per_chunking:?})");
+    assert!(per_chunking.windows(2).all(|w| w[0] == w[1]), "{name}: output events by chunking {per_chunking:?}");
+    per_chunking[0]
 }
 
 /// Azure's recorded stream through the passthrough (usage asked for on the client's behalf, so
@@ -403,5 +417,19 @@ async fn azure_recorded_stream_passes_through_without_allocating_once_warm() {
             "reads of {size}: all but the usage event"
         );
         assert_eq!(allocations, 0, "reads of {size}: {allocations} allocations for {out_events} events");
+    }
+}
+
+/// Gemini's recorded streams: the events before the `finishReason` one repeat (text, and a whole
+/// function call with its multi-KiB thought signature carried into the id), then the last one.
+#[test]
+fn gemini_events_translate_without_allocating_once_warm() {
+    use lmgate::provider::gemini::stream::Stream as Gemini;
+    for name in ["stream-text.sse", "stream-function-call.sse"] {
+        let text =
+            std::fs::read_to_string(format!("{}/tests/fixtures/gemini/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let events: Vec<&str> = text.split_inclusive("\r\n\r\n").collect();
+        let (last, middle) = events.split_last().unwrap();
+        steady_state(name, || Box::new(Gemini::new(true, "chatcmpl-test")), &middle.concat(), last);
     }
 }

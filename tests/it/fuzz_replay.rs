@@ -47,6 +47,11 @@ fn ollama_stream_corpus_passes_its_checks() {
 }
 
 #[test]
+fn gemini_stream_corpus_passes_its_checks() {
+    assert!(replay("gemini_stream", checks::gemini_stream) >= 5);
+}
+
+#[test]
 fn request_corpus_passes_its_checks() {
     assert!(replay("request", checks::request) >= 5);
 }

@@ -25,6 +25,7 @@ mod anthropic;
 mod anthropic_failure;
 mod azure;
 mod frames;
+mod gemini;
 mod ollama;
 /// A global allocator that counts this thread's allocations while `count` runs.
 pub mod counting {

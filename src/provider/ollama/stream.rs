@@ -18,29 +18,19 @@
 
 use crate::error::{Error, Kind};
 use crate::json::{self, fields, Usage};
-use crate::provider::chunk::{self, itoa, Prefix};
+use crate::provider::chunk::Whole;
 use crate::provider::{Framing, Translate};
 use crate::sse::Event;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use std::ops::Range;
 
-/// The longest model name or tool-call id (JSON token, quotes included) copied into chunks.
+/// The longest function name (JSON token, quotes included) copied into chunks.
 const MAX_NAME: usize = 512;
 
 /// The stream translator: one per response.
 pub struct Stream {
-    include_usage: bool,
-    /// The response id as a JSON string token; tool calls without an id of their own are named
-    /// after it.
-    id: Vec<u8>,
-    /// `data: {"id":..,"object":"chat.completion.chunk","created":..,"model":..,"choices":[`
-    prefix: Prefix,
-    created: u64,
+    chunks: Whole,
     started: bool,
-    /// Tool calls sent so far.
-    tools: u32,
-    /// Reused for one tool call's id and arguments.
-    scratch: Vec<u8>,
     usage: Option<Usage>,
     done: bool,
 }
@@ -49,35 +39,7 @@ impl Stream {
     /// A translator for the response `id` (`chatcmpl-...`; Ollama's lines carry none);
     /// `include_usage` is whether the client asked for the usage chunk.
     pub fn new(include_usage: bool, id: &str) -> Self {
-        let mut token = Vec::with_capacity(id.len() + 2);
-        json::write_str(&mut token, id);
-        let mut s = Stream {
-            include_usage,
-            id: token,
-            prefix: Prefix::default(),
-            created: crate::provider::unix_now(),
-            started: false,
-            tools: 0,
-            scratch: Vec::new(),
-            usage: None,
-            done: false,
-        };
-        s.prefix.set("chat.completion.chunk", &s.id, s.created, b"\"unknown\"");
-        s
-    }
-
-    fn chunk(&self, out: &mut BytesMut, delta: &[&[u8]], finish: Option<&str>) {
-        chunk::write_delta_chunk(&self.prefix, out, delta, finish, self.include_usage);
-    }
-
-    /// The first line: the chunk prefix with its model, and the role chunk.
-    fn start(&mut self, data: &[u8], top: &Top, out: &mut BytesMut) {
-        let model = top[MODEL].clone().map(|r| &data[r]).filter(|m| m.first() == Some(&b'"') && m.len() <= MAX_NAME);
-        if let Some(model) = model {
-            self.prefix.set("chat.completion.chunk", &self.id, self.created, model);
-        }
-        self.chunk(out, &[b"{\"role\":\"assistant\",\"content\":\"\"}"], None);
-        self.started = true;
+        Stream { chunks: Whole::new(include_usage, id), started: false, usage: None, done: false }
     }
 
     /// The parts of `message`: reasoning, content, then each tool call.
@@ -85,10 +47,10 @@ impl Stream {
         let [content, thinking, calls] = fields(m, &[b"content", b"thinking", b"tool_calls"]);
         let text = |r: Option<Range<usize>>| r.map(|r| &m[r]).filter(|t| t.first() == Some(&b'"') && *t != b"\"\"");
         if let Some(thinking) = text(thinking) {
-            self.chunk(out, &[b"{\"reasoning_content\":", thinking, b"}"], None);
+            self.chunks.delta(out, &[b"{\"reasoning_content\":", thinking, b"}"], None);
         }
         if let Some(content) = text(content) {
-            self.chunk(out, &[b"{\"content\":", content, b"}"], None);
+            self.chunks.delta(out, &[b"{\"content\":", content, b"}"], None);
         }
         let Some(calls) = calls.map(|r| &m[r]).filter(|c| *c != b"null") else { return Ok(()) };
         if calls.first() != Some(&b'[') {
@@ -114,44 +76,8 @@ impl Stream {
             .map(|r| &function[r])
             .filter(|n| n.first() == Some(&b'"') && n.len() > 2 && n.len() <= MAX_NAME)
             .ok_or_else(|| malformed("a tool call has no `function.name`"))?;
-        let k = itoa(u64::from(self.tools));
-        // The id token, then the arguments as a JSON string token, in the reused scratch buffer.
-        let s = &mut self.scratch;
-        s.clear();
-        match id.map(|r| &call[r]).filter(|t| t.first() == Some(&b'"') && t.len() > 2 && t.len() <= MAX_NAME) {
-            Some(id) => s.extend_from_slice(id),
-            None => {
-                // `call_` + the response id's text + `_k`: unique within the conversation.
-                s.extend_from_slice(b"\"call_");
-                s.extend_from_slice(&self.id[1..self.id.len() - 1]);
-                s.push(b'_');
-                s.extend_from_slice(k.as_bytes());
-                s.push(b'"');
-            }
-        }
-        let id_end = s.len();
-        match arguments.map(|r| &function[r]) {
-            // Already a JSON string (as OpenAI sends them): as it is.
-            Some(a) if a.first() == Some(&b'"') => s.extend_from_slice(a),
-            Some(a) if a.first() == Some(&b'{') => write_as_string(s, a),
-            None | Some(b"null") => s.extend_from_slice(b"\"{}\""),
-            Some(_) => return Err(malformed("a tool call's `function.arguments` is not an object")),
-        }
-        self.tools += 1;
-        let (id, args) = self.scratch.split_at(id_end);
-        let delta: [&[u8]; 9] = [
-            b"{\"tool_calls\":[{\"index\":",
-            k.as_bytes(),
-            b",\"id\":",
-            id,
-            b",\"type\":\"function\",\"function\":{\"name\":",
-            name,
-            b",\"arguments\":",
-            args,
-            b"}}]}",
-        ];
-        chunk::write_delta_chunk(&self.prefix, out, &delta, None, self.include_usage);
-        Ok(())
+        let (id, arguments) = (id.map(|r| &call[r]), arguments.map(|r| &function[r]));
+        self.chunks.tool_call(out, id, None, name, arguments).map_err(|what| malformed(&format!("a tool call: {what}")))
     }
 
     /// The `done` line: finish chunk, usage chunk when asked for, `[DONE]`.
@@ -159,17 +85,12 @@ impl Stream {
         let count = |i: usize| top[i].clone().and_then(|r| json::u64_of(&data[r])).unwrap_or(0);
         let usage = Usage { prompt: count(PROMPT_EVAL_COUNT), completion: count(EVAL_COUNT), ..Usage::default() };
         self.usage = Some(usage);
-        let reason = top[DONE_REASON].clone().map(|r| &data[r]);
-        let finish = match reason {
+        let finish = match top[DONE_REASON].clone().map(|r| &data[r]) {
             Some(b"\"length\"") => "length",
-            _ if self.tools > 0 => "tool_calls",
+            _ if self.chunks.tools > 0 => "tool_calls",
             _ => "stop",
         };
-        self.chunk(out, &[b"{}"], Some(finish));
-        if self.include_usage {
-            self.prefix.usage_chunk(out, usage, None);
-        }
-        out.put_slice(b"data: [DONE]\n\n");
+        self.chunks.end(out, finish, usage);
         self.done = true;
     }
 }
@@ -223,7 +144,8 @@ impl Stream {
             return Err(Error::in_stream("api_error", crate::error::clip(&message).to_owned()));
         }
         if !self.started {
-            self.start(data, &top, out);
+            self.chunks.start(top[MODEL].clone().map(|r| &data[r]), out);
+            self.started = true;
         }
         if let Some(m) = top[MESSAGE].clone() {
             self.message(&data[m], out)?;
@@ -238,29 +160,6 @@ impl Stream {
 /// A line of a kind we map whose shape is wrong: the stream ends with this error.
 fn malformed(what: &str) -> Error {
     Error::upstream_failure(Kind::UpstreamMalformed, format!("The upstream sent a malformed stream line: {what}."))
-}
-
-/// `value`, a JSON text validated by the scanner, as a JSON string token: quotes and
-/// backslashes escaped, and the whitespace allowed between tokens (`\n`, `\r`, `\t`) too, since
-/// a string may not hold them raw. Control characters cannot occur elsewhere in valid JSON text.
-fn write_as_string(out: &mut Vec<u8>, value: &[u8]) {
-    out.push(b'"');
-    let mut from = 0;
-    for (i, &b) in value.iter().enumerate() {
-        let escaped: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            _ => continue,
-        };
-        out.extend_from_slice(&value[from..i]);
-        out.extend_from_slice(escaped);
-        from = i + 1;
-    }
-    out.extend_from_slice(&value[from..]);
-    out.push(b'"');
 }
 
 type Top = [Option<Range<usize>>; 7];
@@ -412,7 +311,7 @@ mod tests {
     fn object_arguments_with_whitespace_and_escapes_become_an_equal_json_string() {
         let raw = "{ \"q\" :\t\"a\\\"b\\\\c\\n\",\r\n \"n\": [1, {\"u\": \"\u{e9}\"}] }";
         let mut s = Vec::new();
-        write_as_string(&mut s, raw.as_bytes());
+        crate::provider::chunk::write_as_string(&mut s, raw.as_bytes());
         let as_string: String = serde_json::from_slice(&s).unwrap();
         assert_eq!(serde_json::from_str::<Value>(&as_string).unwrap(), serde_json::from_str::<Value>(raw).unwrap());
     }
