@@ -5,9 +5,92 @@
 
 use crate::error::Error;
 use crate::json::{self, Raw};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
+
+/// A translated request and what reading its answer needs.
+pub struct Translated {
+    /// The provider's request body.
+    pub body: bytes::Bytes,
+    /// `stream: true`.
+    pub stream: bool,
+    /// The client asked for `stream_options.include_usage`.
+    pub include_usage: bool,
+}
+
+/// A `tools` entry.
+#[derive(Deserialize)]
+pub(crate) struct InTool<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    pub function: Option<InFunction>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct InFunction {
+    pub name: String,
+    pub description: Option<String>,
+    pub parameters: Option<Raw>,
+}
+
+/// `tool_choice`; anything else is kept apart so that it is a 400 naming `tool_choice` rather
+/// than a failure of the whole request's parse.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum InToolChoice<'a> {
+    #[serde(borrow)]
+    Mode(Cow<'a, str>),
+    Named {
+        function: NamedFunction,
+    },
+    Other(IgnoredAny),
+}
+
+#[derive(Deserialize)]
+pub(crate) struct NamedFunction {
+    pub name: String,
+}
+
+/// `response_format`.
+#[derive(Deserialize)]
+pub(crate) struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchema>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct JsonSchema {
+    pub schema: Option<Raw>,
+}
+
+/// What a `response_format` asks for of a provider with a JSON mode.
+pub(crate) enum JsonMode {
+    /// Any JSON object (`json_object`).
+    Object,
+    /// JSON following this schema (`json_schema`).
+    Schema(Box<RawValue>),
+}
+
+impl ResponseFormat {
+    /// `text` (or none) → `None`; `json_object`, `json_schema` with a `schema`; else a 400.
+    pub fn json_mode(format: Option<ResponseFormat>) -> Result<Option<JsonMode>, Error> {
+        let Some(f) = format else { return Ok(None) };
+        match (f.kind.as_str(), f.json_schema.and_then(|s| s.schema)) {
+            ("text", _) => Ok(None),
+            ("json_object", _) => Ok(Some(JsonMode::Object)),
+            ("json_schema", Some(schema)) => raw_value(schema)
+                .map(|s| Some(JsonMode::Schema(s)))
+                .ok_or_else(|| bad("response_format", "Invalid `response_format` schema.")),
+            _ => Err(bad(
+                "response_format",
+                "`response_format` must be text, json_object or json_schema with a `schema`.",
+            )),
+        }
+    }
+}
 
 #[derive(Deserialize)]
 pub(crate) struct StreamOptions {

@@ -34,7 +34,7 @@
 
 pub mod anthropic;
 pub mod azure;
-mod chat;
+pub mod chat;
 pub mod chunk;
 pub mod gemini;
 pub mod mock;

@@ -22,21 +22,12 @@
 
 use crate::error::Error;
 use crate::json::{self, Raw};
-use crate::provider::chat::{bad, raw_value, InContent, InMessage, InToolCall, Stop, StreamOptions};
-use serde::de::IgnoredAny;
+pub use crate::provider::chat::Translated;
+use crate::provider::chat::{
+    bad, raw_value, InContent, InMessage, InTool, InToolCall, InToolChoice, ResponseFormat, Stop, StreamOptions,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use std::borrow::Cow;
-
-/// What the stream translator needs to know from the request.
-pub struct Translated {
-    /// The Anthropic request body.
-    pub body: bytes::Bytes,
-    /// `stream: true`.
-    pub stream: bool,
-    /// The client asked for `stream_options.include_usage`.
-    pub include_usage: bool,
-}
 
 #[derive(Deserialize)]
 struct ChatRequest<'a> {
@@ -73,44 +64,6 @@ struct ChatRequest<'a> {
     // (`message.function_call`) is not what a translated tool call comes back as.
     functions: Option<Raw>,
     function_call: Option<Raw>,
-}
-
-#[derive(Deserialize)]
-struct ResponseFormat {
-    #[serde(rename = "type")]
-    kind: String,
-}
-
-#[derive(Deserialize)]
-struct InTool<'a> {
-    #[serde(rename = "type")]
-    kind: Cow<'a, str>,
-    function: Option<InFunction>,
-}
-
-#[derive(Deserialize)]
-struct InFunction {
-    name: String,
-    description: Option<String>,
-    parameters: Option<Raw>,
-}
-
-/// `tool_choice`; anything else is kept apart so that it is a 400 naming `tool_choice` rather
-/// than a failure of the whole request's parse.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum InToolChoice<'a> {
-    #[serde(borrow)]
-    Mode(Cow<'a, str>),
-    Named {
-        function: NamedFunction,
-    },
-    Other(IgnoredAny),
-}
-
-#[derive(Deserialize)]
-struct NamedFunction {
-    name: String,
 }
 
 #[derive(Serialize)]

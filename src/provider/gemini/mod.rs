@@ -1,4 +1,6 @@
 //! Google Gemini API (<https://ai.google.dev/api/generate-content>). So far its stream
-//! translator ([`stream`]); the request side and the connection type follow.
+//! translator ([`stream`]) and request translation ([`request`]); the connection type, non-stream
+//! answers, errors and embeddings follow.
 
+pub mod request;
 pub mod stream;

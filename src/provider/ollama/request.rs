@@ -18,21 +18,13 @@
 
 use crate::error::Error;
 use crate::json::{self, Raw};
-use crate::provider::chat::{bad, InContent, InMessage, InToolCall, Stop, StreamOptions};
+pub use crate::provider::chat::Translated;
+use crate::provider::chat::{
+    bad, InContent, InMessage, InToolCall, InToolChoice, JsonMode, ResponseFormat, Stop, StreamOptions,
+};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use std::borrow::Cow;
-
-/// A translated request and what reading its answer needs.
-pub struct Translated {
-    /// The Ollama request body.
-    pub body: bytes::Bytes,
-    /// `stream: true`.
-    pub stream: bool,
-    /// The client asked for `stream_options.include_usage`.
-    pub include_usage: bool,
-}
 
 #[derive(Deserialize)]
 struct ChatRequest<'a> {
@@ -50,7 +42,7 @@ struct ChatRequest<'a> {
     stream_options: Option<StreamOptions>,
     tools: Option<Vec<Raw>>,
     #[serde(borrow)]
-    tool_choice: Option<ToolChoice<'a>>,
+    tool_choice: Option<InToolChoice<'a>>,
     response_format: Option<ResponseFormat>,
     reasoning_effort: Option<String>,
     // Parameters that cannot be honoured: checked below.
@@ -62,26 +54,6 @@ struct ChatRequest<'a> {
     prediction: Option<Raw>,
     functions: Option<Raw>,
     function_call: Option<Raw>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ToolChoice<'a> {
-    #[serde(borrow)]
-    Mode(Cow<'a, str>),
-    Other(IgnoredAny),
-}
-
-#[derive(Deserialize)]
-struct ResponseFormat {
-    #[serde(rename = "type")]
-    kind: String,
-    json_schema: Option<JsonSchema>,
-}
-
-#[derive(Deserialize)]
-struct JsonSchema {
-    schema: Option<Raw>,
 }
 
 #[derive(Serialize)]
@@ -212,22 +184,13 @@ fn chat_parsed(req: ChatRequest, model: &str) -> Result<Translated, Error> {
     if messages.is_empty() {
         return Err(bad("messages", "`messages` must contain at least one message."));
     }
-    let tools_off = matches!(&req.tool_choice, Some(ToolChoice::Mode(m)) if m == "none");
+    let tools_off = matches!(&req.tool_choice, Some(InToolChoice::Mode(m)) if m == "none");
     let tools = if tools_off { Vec::new() } else { req.tools.unwrap_or_default() };
     let tools = tools.into_iter().map(|t| raw_value(t, "tools")).collect::<Result<_, _>>()?;
-    let format = match req.response_format {
+    let format = match ResponseFormat::json_mode(req.response_format)? {
         None => None,
-        Some(f) => match (f.kind.as_str(), f.json_schema.and_then(|s| s.schema)) {
-            ("text", _) => None,
-            ("json_object", _) => Some(raw_value(Raw(b"\"json\"".to_vec()), "response_format")?),
-            ("json_schema", Some(schema)) => Some(raw_value(schema, "response_format")?),
-            _ => {
-                return Err(bad(
-                    "response_format",
-                    "`response_format` must be text, json_object or json_schema with a `schema`.",
-                ))
-            }
-        },
+        Some(JsonMode::Object) => Some(raw_value(Raw(b"\"json\"".to_vec()), "response_format")?),
+        Some(JsonMode::Schema(schema)) => Some(schema),
     };
     let think = match req.reasoning_effort.as_deref() {
         None => None,
@@ -286,7 +249,7 @@ fn reject_unsupported(r: &ChatRequest) -> Result<(), Error> {
     // Ollama lets the model choose: only `auto` and `none` (no tools sent) can be honoured.
     match &r.tool_choice {
         None => Ok(()),
-        Some(ToolChoice::Mode(m)) if m == "auto" || m == "none" => Ok(()),
+        Some(InToolChoice::Mode(m)) if m == "auto" || m == "none" => Ok(()),
         Some(_) => Err(bad("tool_choice", "Ollama models choose their tools: only `auto` and `none` are supported.")),
     }
 }
