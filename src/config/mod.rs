@@ -1091,6 +1091,24 @@ mod tests {
     }
 
     #[test]
+    fn gemini_connections_need_a_key_and_check_route_models() {
+        let e = parse("[connections.g]\napi_type = \"gemini\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("connections.g.api_key: a gemini connection needs a key"), "{e}");
+        let cfg = parse("[connections.g]\napi_type = \"gemini\"\napi_key = \"k\"\n", &[]).unwrap();
+        assert_eq!(cfg.connections[0].provider.base_url(), Some("https://generativelanguage.googleapis.com"));
+        assert_eq!(cfg.connections[0].headers[0].0.as_str(), "x-goog-api-key");
+        let e = parse(
+            "[connections.g]\napi_type = \"gemini\"\napi_key = \"k\"\n[routing]\n\"m\" = \"g.models/x?key=1\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.0.contains("not a Gemini model name"), "{e}");
+        let e =
+            parse("[connections.g]\napi_type = \"gemini\"\napi_key = \"k\"\nstream_usage = true\n", &[]).unwrap_err();
+        assert!(e.0.contains("not gemini"), "{e}");
+    }
+
+    #[test]
     fn python_only_keys_explain_the_alternative() {
         let e = parse("api_key_check = \"my.fn\"\n", &[]).unwrap_err();
         assert!(e.0.contains("api_keys"), "{e}");

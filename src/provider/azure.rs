@@ -24,9 +24,6 @@ use http::header::{HeaderName, HeaderValue};
 use http::Uri;
 use std::time::Instant;
 
-/// The longest deployment name spliced into a path (Azure allows 64 characters).
-const MAX_DEPLOYMENT: usize = 128;
-
 /// An Azure OpenAI connection's own settings.
 #[derive(Debug)]
 pub struct Settings {
@@ -105,13 +102,14 @@ impl Settings {
     /// Whether `model` can name a deployment in a URL path (the dated API; v1 takes any model,
     /// in the body).
     pub fn check_model(&self, model: &str) -> Result<(), String> {
-        if matches!(self.api, Version::V1(_)) || is_deployment(model) {
+        if matches!(self.api, Version::V1(_)) || super::is_path_segment(model) {
             return Ok(());
         }
         Err(format!(
             "`{}` is not an Azure OpenAI deployment name (letters, digits, `.`, `-`, `_` and `:`, starting with a \
-             letter or digit, at most {MAX_DEPLOYMENT} characters).",
-            crate::error::clip(model)
+             letter or digit, at most {} characters).",
+            crate::error::clip(model),
+            super::MAX_PATH_SEGMENT
         ))
     }
 
@@ -148,15 +146,6 @@ fn is_dated_version(v: &str) -> bool {
         && date.iter().enumerate().all(|(i, &b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() })
 }
 
-/// Whether `name` may be spliced into a URL path as one segment: ASCII letters, digits, `.`, `-`,
-/// `_` and `:`, starting with a letter or digit (so never `.` or `..`), at most
-/// [`MAX_DEPLOYMENT`] bytes.
-fn is_deployment(name: &str) -> bool {
-    name.len() <= MAX_DEPLOYMENT
-        && name.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,14 +163,14 @@ mod tests {
     #[test]
     fn only_plain_deployment_names_reach_a_path() {
         for ok in ["gpt-4o", "gpt4o-deployment", "my_dep.v2", "team:gpt-4o", "A1"] {
-            assert!(is_deployment(ok), "{ok}");
+            assert!(super::super::is_path_segment(ok), "{ok}");
         }
-        let long = "a".repeat(MAX_DEPLOYMENT + 1);
+        let long = "a".repeat(super::super::MAX_PATH_SEGMENT + 1);
         for bad in [
             "", ".", "..", "../x", "a/b", "a?b", "a#b", "%2e%2e", "a\r\nb", "@host", "a@host", "-x", ".x", "a b",
             "a%2fb", "é", &long,
         ] {
-            assert!(!is_deployment(bad), "{bad:?}");
+            assert!(!super::super::is_path_segment(bad), "{bad:?}");
         }
     }
 }

@@ -198,3 +198,113 @@ pub(crate) fn bad(param: &'static str, message: impl Into<String>) -> Error {
 pub(crate) fn raw_value(raw: Raw) -> Option<Box<RawValue>> {
     RawValue::from_string(String::from_utf8(raw.0).ok()?).ok()
 }
+
+/// The parts of an OpenAI embeddings request a translating provider sends on.
+pub(crate) struct EmbedInput {
+    /// The texts, in order.
+    pub input: Vec<String>,
+    /// `dimensions`.
+    pub dimensions: Option<u64>,
+    /// `encoding_format: "base64"`.
+    pub base64: bool,
+}
+
+#[derive(Deserialize)]
+struct EmbedRequest {
+    input: Input,
+    dimensions: Option<u64>,
+    encoding_format: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+    Other(IgnoredAny),
+}
+
+/// Reads an embeddings request for `provider`, which takes text only: token arrays are a 400
+/// naming `input`, as are an empty input, `dimensions` 0 and an unknown `encoding_format`.
+pub(crate) fn embed_input(body: &[u8], provider: &str) -> Result<EmbedInput, Error> {
+    let parsed: Option<EmbedRequest> = json::with_scratch(body, |scratch| scratch.parse().ok());
+    // The rare malformed request is read again with serde_json, whose errors say what is wrong.
+    let req = match parsed {
+        Some(req) => req,
+        None => serde_json::from_slice(body).map_err(|e| {
+            if serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.get("input").is_none()) {
+                bad("input", "`input` is required.")
+            } else {
+                Error::invalid_request(format!("Invalid embeddings request: {e}."))
+            }
+        })?,
+    };
+    let input = match req.input {
+        Input::One(s) => vec![s],
+        Input::Many(v) if !v.is_empty() => v,
+        Input::Many(_) => return Err(bad("input", "`input` must not be empty.")),
+        Input::Other(_) => {
+            return Err(bad(
+                "input",
+                format!("`input` must be a string or an array of strings: {provider} does not take token arrays."),
+            ))
+        }
+    };
+    if req.dimensions == Some(0) {
+        return Err(bad("dimensions", "`dimensions` must be at least 1."));
+    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(_) => return Err(bad("encoding_format", "`encoding_format` must be \"float\" or \"base64\".")),
+    };
+    Ok(EmbedInput { input, dimensions: req.dimensions, base64 })
+}
+
+/// An OpenAI embeddings list (<https://platform.openai.com/docs/api-reference/embeddings/object>)
+/// of `vectors` for `model`: floats, or base64 of their little-endian float32 bytes (what
+/// `encoding_format: "base64"` returns); usage counts `prompt` tokens.
+pub(crate) fn embeddings_list(vectors: &[Vec<f32>], model: &str, prompt: u64, base64: bool) -> Vec<u8> {
+    use base64::Engine as _;
+    let dims: usize = vectors.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(dims * if base64 { 6 } else { 12 } + 256);
+    out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
+    let mut bytes = Vec::new();
+    let mut text = String::new();
+    let mut number = ryu::Buffer::new();
+    for (i, v) in vectors.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
+        out.extend_from_slice(super::chunk::itoa(i as u64).as_bytes());
+        out.extend_from_slice(b",\"embedding\":");
+        if base64 {
+            bytes.clear();
+            bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            text.clear();
+            base64::engine::general_purpose::STANDARD.encode_string(&bytes, &mut text);
+            out.push(b'"');
+            out.extend_from_slice(text.as_bytes());
+            out.push(b'"');
+        } else {
+            out.push(b'[');
+            for (j, x) in v.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(number.format_finite(*x).as_bytes());
+            }
+            out.push(b']');
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"],\"model\":");
+    json::write_str(&mut out, model);
+    out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
+    out.extend_from_slice(super::chunk::itoa(prompt).as_bytes());
+    out.extend_from_slice(b",\"total_tokens\":");
+    out.extend_from_slice(super::chunk::itoa(prompt).as_bytes());
+    out.extend_from_slice(b"}}");
+    out
+}

@@ -94,6 +94,75 @@ pub fn write_usage(out: &mut impl BufMut, usage: Usage, cached: Option<u64>) {
     out.put_u8(b'}');
 }
 
+/// A whole (non-stream) answer, rendered as an OpenAI `chat.completion`
+/// (<https://platform.openai.com/docs/api-reference/chat/object>) by [`Completion::render`].
+pub struct Completion<'a> {
+    /// The response id.
+    pub id: &'a str,
+    /// The model that answered.
+    pub model: &'a str,
+    /// The text (`content`; `null` when empty and there are tool calls).
+    pub text: &'a str,
+    /// Reasoning, as `reasoning_content` when not empty.
+    pub thinking: &'a str,
+    /// Tool calls: id, function name, arguments as a JSON object text (none: `{}`).
+    pub calls: Vec<(String, &'a str, Option<&'a [u8]>)>,
+    /// The finish reason.
+    pub finish: &'a str,
+    /// Token usage, and the cached part to report.
+    pub usage: Usage,
+    /// `prompt_tokens_details.cached_tokens`, when reported.
+    pub cached: Option<u64>,
+}
+
+impl Completion<'_> {
+    /// The JSON body; `None` when arguments are not UTF-8. `size` hints the capacity.
+    pub fn render(&self, size: usize) -> Option<Vec<u8>> {
+        use crate::json::write_str;
+        let mut out = Vec::with_capacity(size + 256);
+        out.extend_from_slice(b"{\"id\":");
+        write_str(&mut out, self.id);
+        out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
+        out.extend_from_slice(itoa(crate::provider::unix_now()).as_bytes());
+        out.extend_from_slice(b",\"model\":");
+        write_str(&mut out, self.model);
+        out.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
+        if self.text.is_empty() && !self.calls.is_empty() {
+            out.extend_from_slice(b"null");
+        } else {
+            write_str(&mut out, self.text);
+        }
+        if !self.thinking.is_empty() {
+            out.extend_from_slice(b",\"reasoning_content\":");
+            write_str(&mut out, self.thinking);
+        }
+        if !self.calls.is_empty() {
+            out.extend_from_slice(b",\"tool_calls\":[");
+            for (k, (id, name, args)) in self.calls.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"id\":");
+                write_str(&mut out, id);
+                out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
+                write_str(&mut out, name);
+                out.extend_from_slice(b",\"arguments\":");
+                // The arguments object, rendered compactly in its key order, as a string.
+                let args = args.filter(|a| *a != b"null").unwrap_or(b"{}");
+                write_str(&mut out, std::str::from_utf8(args).ok()?);
+                out.extend_from_slice(b"}}");
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":\"");
+        out.extend_from_slice(self.finish.as_bytes());
+        out.extend_from_slice(b"\"}],\"usage\":");
+        write_usage(&mut out, self.usage, self.cached);
+        out.push(b'}');
+        Some(out)
+    }
+}
+
 /// The chunks of one translated chat stream whose provider sends tool calls whole (Ollama,
 /// Gemini): the role chunk, deltas, one complete `tool_calls` delta per call, and the end (finish
 /// chunk, usage chunk when asked for, `[DONE]`). Allocates at construction and while its

@@ -10,6 +10,8 @@
 //!   event by event by a [`Translate`] object.
 //! - [`ollama`]: Ollama's native API, translated both ways; its NDJSON stream rewritten line by
 //!   line.
+//! - [`gemini`]: Google's Gemini API, translated both ways; its SSE stream rewritten event by
+//!   event.
 //! - [`mock`]: the built-in mock, answering in-process with deterministic, pre-rendered output.
 //!
 //! Every provider, the mock included, answers the same three questions, and the request flow
@@ -69,6 +71,8 @@ pub enum ApiType {
     Azure,
     /// Ollama's native API: OpenAI chat and embeddings translated to `/api/chat` and `/api/embed`.
     Ollama,
+    /// Google's Gemini API: OpenAI chat and embeddings translated both ways.
+    Gemini,
     /// The built-in mock: answers in-process, no network hop.
     Mock,
 }
@@ -81,6 +85,7 @@ impl ApiType {
             ApiType::Anthropic => "anthropic",
             ApiType::Azure => "azure",
             ApiType::Ollama => "ollama",
+            ApiType::Gemini => "gemini",
             ApiType::Mock => "mock",
         }
     }
@@ -97,6 +102,8 @@ pub enum Provider {
     Azure(azure::Settings),
     /// Ollama's native API, translated.
     Ollama(ollama::Settings),
+    /// Google's Gemini API, translated.
+    Gemini(gemini::Settings),
     /// The built-in mock.
     Mock,
 }
@@ -130,7 +137,7 @@ pub struct Prepared {
 }
 
 /// How an attempt's answer is to be read.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Plan {
     /// The client gets a stream.
     pub stream: bool,
@@ -149,7 +156,7 @@ pub struct Plan {
 
 /// What a translating provider turns a successful answer into (passthrough providers forward
 /// what comes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// A chat completion, or its stream.
     Chat,
@@ -157,6 +164,8 @@ pub enum Reply {
     Embeddings {
         /// `encoding_format: "base64"`.
         base64: bool,
+        /// The upstream model asked, named in the list.
+        model: Box<str>,
     },
 }
 
@@ -192,6 +201,7 @@ impl Provider {
             ApiType::Anthropic => anthropic::Settings::compile(name, raw, secrets),
             ApiType::Azure => azure::Settings::compile(name, raw, secrets),
             ApiType::Ollama => ollama::Settings::compile(name, raw, secrets),
+            ApiType::Gemini => gemini::Settings::compile(name, raw, secrets),
             ApiType::Mock => mock::compile(name, raw),
         }
     }
@@ -203,6 +213,7 @@ impl Provider {
             Provider::Anthropic(_) => ApiType::Anthropic,
             Provider::Azure(_) => ApiType::Azure,
             Provider::Ollama(_) => ApiType::Ollama,
+            Provider::Gemini(_) => ApiType::Gemini,
             Provider::Mock => ApiType::Mock,
         }
     }
@@ -214,6 +225,7 @@ impl Provider {
             Provider::Anthropic(s) => Some(&s.base),
             Provider::Azure(s) => Some(&s.base),
             Provider::Ollama(s) => Some(&s.base),
+            Provider::Gemini(s) => Some(&s.base),
             Provider::Mock => None,
         }
     }
@@ -223,6 +235,7 @@ impl Provider {
     pub fn check_model(&self, model: &str) -> Result<(), String> {
         match self {
             Provider::Azure(s) => s.check_model(model),
+            Provider::Gemini(s) => s.check_model(model),
             _ => Ok(()),
         }
     }
@@ -235,6 +248,7 @@ impl Provider {
             Provider::Anthropic(s) => s.prepare(conn, call, target, deadline),
             Provider::Azure(s) => s.prepare(conn, call, target, deadline),
             Provider::Ollama(s) => s.prepare(conn, call, target, deadline),
+            Provider::Gemini(s) => s.prepare(conn, call, target, deadline),
             Provider::Mock => mock::prepare(call, target, deadline),
         }
     }
@@ -245,6 +259,7 @@ impl Provider {
             Provider::Openai(_) | Provider::Azure(_) => openai::classify(conn, head),
             Provider::Anthropic(_) => classify_by_body(conn, head, plan, anthropic::error_of).await,
             Provider::Ollama(_) => classify_by_body(conn, head, plan, ollama::error_of).await,
+            Provider::Gemini(_) => classify_by_body(conn, head, plan, gemini::error_of).await,
             Provider::Mock => mock::classify(head),
         }
     }
@@ -260,7 +275,8 @@ impl Provider {
         match self {
             Provider::Openai(_) | Provider::Azure(_) => openai::respond(conn, head, plan).map(|r| (r, None)),
             Provider::Anthropic(_) => anthropic::respond(conn, head, plan).await,
-            Provider::Ollama(_) => ollama::respond(conn, head, plan).await,
+            Provider::Ollama(_) => respond_translated(conn, head, plan, ollama::MAX_BODY, &ollama::READERS).await,
+            Provider::Gemini(_) => respond_translated(conn, head, plan, gemini::MAX_BODY, &gemini::READERS).await,
             Provider::Mock => Ok(mock::respond(head)),
         }
     }
@@ -371,7 +387,8 @@ pub fn upstream_post(
 
 /// Judges a head for a provider whose error facts are in its body: 2xx is a success; anything
 /// else has its body read (at most [`ERROR_BODY_LIMIT`] bytes) and mapped by `error_of`
-/// (connection name, status, body), with the upstream's `Retry-After`; never relayed.
+/// (connection name, status, body), with the upstream's `Retry-After` when it sent one; never
+/// relayed.
 pub async fn classify_by_body(
     conn: &Connection,
     head: Response<Upstream>,
@@ -385,8 +402,52 @@ pub async fn classify_by_body(
     let (parts, body) = head.into_parts();
     let body = read_body(conn, body, ERROR_BODY_LIMIT, plan.deadline).await.unwrap_or_default();
     let mut error = error_of(&conn.name, status, &body);
-    error.retry_after = retry_after(&parts.headers);
+    // A Retry-After header wins over what the body said (Gemini's `RetryInfo`).
+    error.retry_after = retry_after(&parts.headers).or(error.retry_after);
     Verdict::Failure { error, relay: None }
+}
+
+/// How a translating provider reads a successful answer: its stream translator for a response
+/// id, and its renderers of a whole chat answer (for a response id) and of an embeddings answer
+/// (for a model, base64 or not), each giving the OpenAI body and its usage.
+pub struct Readers {
+    /// A stream translator: `include_usage`, response id.
+    pub stream: fn(bool, &str) -> Box<dyn Translate>,
+    /// A whole chat answer → `chat.completion`.
+    pub completion: fn(&[u8], &str) -> Rendered,
+    /// An embeddings answer → an embeddings list.
+    pub embeddings: fn(&[u8], &str, bool) -> Rendered,
+}
+
+/// A rendered OpenAI body and the usage it reports; `None` when the answer was unreadable.
+pub type Rendered = Option<(Vec<u8>, Usage)>;
+
+/// The client's response for a translating provider: a translated stream, or the whole answer
+/// (at most `max_body` bytes, by the plan's deadline) rendered, with its usage.
+pub async fn respond_translated(
+    conn: &Connection,
+    head: Response<Upstream>,
+    plan: &Plan,
+    max_body: usize,
+    readers: &Readers,
+) -> Result<(Response<Body>, Option<Usage>), Error> {
+    let id = response_id();
+    if plan.stream && plan.reply == Reply::Chat {
+        let translator = (readers.stream)(plan.include_usage, &id);
+        return Ok((translated_stream(conn, head.into_body(), translator), None));
+    }
+    let body = read_body(conn, head.into_body(), max_body, plan.deadline).await?;
+    let rendered = match &plan.reply {
+        Reply::Chat => (readers.completion)(&body, &id),
+        Reply::Embeddings { base64, model } => (readers.embeddings)(&body, model, *base64),
+    };
+    let (out, usage) = rendered.ok_or_else(|| {
+        Error::upstream_failure(
+            Kind::UpstreamMalformed,
+            format!("Connection `{}`: the upstream answered with an unreadable body.", conn.name),
+        )
+    })?;
+    Ok((json_response(out), Some(usage)))
 }
 
 /// The client's response for a translated stream: the upstream body through `translator`.
@@ -464,6 +525,24 @@ pub fn status_error(conn: &Connection, status: StatusCode, headers: &HeaderMap) 
     );
     e.retry_after = retry_after(headers);
     e
+}
+
+/// The longest model or deployment name spliced into an upstream URL path.
+pub const MAX_PATH_SEGMENT: usize = 128;
+
+/// Whether `name` (a model or deployment name, possibly from the client) may be spliced into an
+/// upstream URL path as one segment: ASCII letters, digits, `.`, `-`, `_` and `:`, starting with
+/// a letter or digit (so never `.` or `..`), at most [`MAX_PATH_SEGMENT`] bytes. Nothing else a
+/// client sends can add a path segment, a query, a fragment or another host.
+pub fn is_path_segment(name: &str) -> bool {
+    name.len() <= MAX_PATH_SEGMENT
+        && name.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
+}
+
+/// A fresh `chatcmpl-` id, for providers whose answers carry none of OpenAI's shape.
+pub fn response_id() -> String {
+    format!("chatcmpl-{:024x}", fastrand::u128(..) >> 32)
 }
 
 /// Seconds since the Unix epoch, for `created` fields.

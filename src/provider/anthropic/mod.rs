@@ -256,54 +256,27 @@ fn render_message(m: Message, size: usize) -> Option<(Vec<u8>, Usage)> {
         match b.kind {
             "text" => text.push_str(b.text.unwrap_or_default()),
             "thinking" => thinking.push_str(b.thinking.unwrap_or_default()),
-            "tool_use" => calls.push(b),
+            "tool_use" => calls.push((
+                b.id.unwrap_or_default().to_owned(),
+                b.name.unwrap_or_default(),
+                b.input.as_ref().map(|r| &r.0[..]),
+            )),
             _ => {}
         }
     }
-    let mut out = Vec::with_capacity(size + 256);
-    out.extend_from_slice(b"{\"id\":");
-    json::write_str(&mut out, m.id);
-    out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
-    out.extend_from_slice(super::chunk::itoa(super::unix_now()).as_bytes());
-    out.extend_from_slice(b",\"model\":");
-    json::write_str(&mut out, m.model);
-    out.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
-    if text.is_empty() && !calls.is_empty() {
-        out.extend_from_slice(b"null");
-    } else {
-        json::write_str(&mut out, &text);
-    }
-    if !thinking.is_empty() {
-        out.extend_from_slice(b",\"reasoning_content\":");
-        json::write_str(&mut out, &thinking);
-    }
-    if !calls.is_empty() {
-        out.extend_from_slice(b",\"tool_calls\":[");
-        for (i, c) in calls.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"id\":");
-            json::write_str(&mut out, c.id.unwrap_or_default());
-            out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
-            json::write_str(&mut out, c.name.unwrap_or_default());
-            out.extend_from_slice(b",\"arguments\":");
-            // The input object, rendered compactly in its key order, becomes the arguments string.
-            let input = c.input.as_ref().map_or(&b"{}"[..], |r| &r.0);
-            json::write_str(&mut out, std::str::from_utf8(input).ok()?);
-            out.extend_from_slice(b"}}");
-        }
-        out.push(b']');
-    }
-    let finish = m.stop_reason.map_or("stop", |r| stream::finish_reason(r.as_bytes()));
-    out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":\"");
-    out.extend_from_slice(finish.as_bytes());
-    out.extend_from_slice(b"\"}],\"usage\":");
     let tokens = m.usage.unwrap_or_default();
     let usage = tokens.usage();
-    super::chunk::write_usage(&mut out, usage, Some(tokens.cache_read_input_tokens.unwrap_or(0)));
-    out.push(b'}');
-    Some((out, usage))
+    let completion = super::chunk::Completion {
+        id: m.id,
+        model: m.model,
+        text: &text,
+        thinking: &thinking,
+        calls,
+        finish: m.stop_reason.map_or("stop", |r| stream::finish_reason(r.as_bytes())),
+        usage,
+        cached: Some(tokens.cache_read_input_tokens.unwrap_or(0)),
+    };
+    Some((completion.render(size)?, usage))
 }
 
 #[derive(Deserialize, Default)]

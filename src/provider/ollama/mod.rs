@@ -14,19 +14,17 @@ pub mod request;
 pub mod stream;
 
 use super::{Api, Call, Plan, Prepared, Reply};
-use crate::body::{Body, Upstream};
 use crate::config::{ConfigError, Connection, RawConnection, Secrets};
 use crate::error::{Error, Kind};
 use crate::json::{self, Raw, Usage};
 use crate::router::Target;
-use base64::Engine as _;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Response, StatusCode, Uri};
+use http::{StatusCode, Uri};
 use serde::Deserialize;
 use std::time::Instant;
 
 /// Largest non-stream body read whole (an embeddings answer for many long vectors is large).
-const MAX_BODY: usize = 64 << 20;
+pub const MAX_BODY: usize = 64 << 20;
 
 /// Client headers forwarded to Ollama.
 const REQUEST_HEADERS: &[&str] = &["user-agent", "x-request-id"];
@@ -82,8 +80,8 @@ impl Settings {
             }
             Api::Embeddings => {
                 let (body, base64) = request::embed(call.body, model)?;
-                let plan =
-                    Plan { stream: false, strip_usage: false, include_usage: false, reply: Reply::Embeddings { base64 }, deadline };
+                let reply = Reply::Embeddings { base64, model: model.into() };
+                let plan = Plan { stream: false, strip_usage: false, include_usage: false, reply, deadline };
                 (&self.embed, body, plan)
             }
             Api::Completions => {
@@ -124,36 +122,9 @@ pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
     }
 }
 
-/// The client's response: a translated stream, or a translated answer and its usage.
-pub async fn respond(
-    conn: &Connection,
-    head: Response<Upstream>,
-    plan: &Plan,
-) -> Result<(Response<Body>, Option<Usage>), Error> {
-    let id = response_id();
-    if plan.stream && plan.reply == Reply::Chat {
-        let translator = Box::new(stream::Stream::new(plan.include_usage, &id));
-        return Ok((super::translated_stream(conn, head.into_body(), translator), None));
-    }
-    let body = super::read_body(conn, head.into_body(), MAX_BODY, plan.deadline).await?;
-    let rendered = match plan.reply {
-        Reply::Chat => completion(&body, &id),
-        Reply::Embeddings { base64 } => embeddings(&body, base64),
-    };
-    let (out, usage) = rendered.ok_or_else(|| {
-        Error::upstream_failure(
-            Kind::UpstreamMalformed,
-            format!("Connection `{}`: the upstream answered with an unreadable body.", conn.name),
-        )
-    })?;
-    Ok((super::json_response(out), Some(usage)))
-}
-
-/// A fresh `chatcmpl-` id (Ollama's answers carry none).
-fn response_id() -> String {
-    let n = fastrand::u128(..);
-    format!("chatcmpl-{:024x}", n >> 32)
-}
+/// How this provider's answers are read.
+pub const READERS: super::Readers =
+    super::Readers { stream: |usage, id| Box::new(stream::Stream::new(usage, id)), completion, embeddings };
 
 #[derive(Deserialize)]
 struct ChatAnswer<'a> {
@@ -199,113 +170,51 @@ pub fn completion(body: &[u8], id: &str) -> Option<(Vec<u8>, Usage)> {
 fn render_completion(a: ChatAnswer, id: &str, size: usize) -> Option<(Vec<u8>, Usage)> {
     let m = a.message?;
     let text = m.content.unwrap_or_default();
-    let calls = m.tool_calls.unwrap_or_default();
-    let mut out = Vec::with_capacity(size + 256);
-    out.extend_from_slice(b"{\"id\":");
-    json::write_str(&mut out, id);
-    out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
-    out.extend_from_slice(super::chunk::itoa(super::unix_now()).as_bytes());
-    out.extend_from_slice(b",\"model\":");
-    json::write_str(&mut out, a.model);
-    out.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
-    if text.is_empty() && !calls.is_empty() {
-        out.extend_from_slice(b"null");
-    } else {
-        json::write_str(&mut out, &text);
-    }
-    if let Some(thinking) = m.thinking.filter(|t| !t.is_empty()) {
-        out.extend_from_slice(b",\"reasoning_content\":");
-        json::write_str(&mut out, &thinking);
-    }
-    if !calls.is_empty() {
-        out.extend_from_slice(b",\"tool_calls\":[");
-        for (k, c) in calls.iter().enumerate() {
-            if k > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"id\":");
-            match c.id.as_deref().filter(|i| !i.is_empty()) {
-                Some(own) => json::write_str(&mut out, own),
-                None => json::write_str(&mut out, &format!("call_{id}_{k}")),
-            }
-            out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
-            json::write_str(&mut out, &c.function.name);
-            out.extend_from_slice(b",\"arguments\":");
-            // The arguments object, rendered compactly in its key order, as a string.
-            let args = c.function.arguments.as_ref().filter(|r| r.0 != b"null").map_or(&b"{}"[..], |r| &r.0);
-            json::write_str(&mut out, std::str::from_utf8(args).ok()?);
-            out.extend_from_slice(b"}}");
-        }
-        out.push(b']');
-    }
+    let calls: Vec<_> = m
+        .tool_calls
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(k, c)| {
+            let call_id =
+                c.id.as_deref().filter(|i| !i.is_empty()).map_or_else(|| format!("call_{id}_{k}"), str::to_owned);
+            (call_id, &*c.function.name, c.function.arguments.as_ref().map(|r| &r.0[..]))
+        })
+        .collect();
     let finish = match a.done_reason {
         Some("length") => "length",
         _ if !calls.is_empty() => "tool_calls",
         _ => "stop",
     };
-    out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":\"");
-    out.extend_from_slice(finish.as_bytes());
-    out.extend_from_slice(b"\"}],\"usage\":");
     let usage =
         Usage { prompt: a.prompt_eval_count.unwrap_or(0), completion: a.eval_count.unwrap_or(0), ..Usage::default() };
-    super::chunk::write_usage(&mut out, usage, None);
-    out.push(b'}');
-    Some((out, usage))
+    let thinking = m.thinking.unwrap_or_default();
+    let completion = super::chunk::Completion {
+        id,
+        model: a.model,
+        text: &text,
+        thinking: &thinking,
+        calls,
+        finish,
+        usage,
+        cached: None,
+    };
+    Some((completion.render(size)?, usage))
 }
 
 #[derive(Deserialize)]
-struct EmbedAnswer<'a> {
-    model: &'a str,
+struct EmbedAnswer {
     embeddings: Vec<Vec<f32>>,
     prompt_eval_count: Option<u64>,
 }
 
-/// An `/api/embed` answer as an OpenAI embeddings list, vectors as floats or as base64 of their
-/// little-endian float32 bytes (what OpenAI's `encoding_format: "base64"` returns), and its usage.
-pub fn embeddings(body: &[u8], base64: bool) -> Option<(Vec<u8>, Usage)> {
+/// An `/api/embed` answer as an OpenAI embeddings list for `model` (floats, or base64 when
+/// `base64`), and its usage.
+pub fn embeddings(body: &[u8], model: &str, base64: bool) -> Option<(Vec<u8>, Usage)> {
     json::with_scratch(body, |scratch| {
         let a: EmbedAnswer = scratch.parse().ok()?;
-        let dims: usize = a.embeddings.iter().map(Vec::len).sum();
-        let mut out = Vec::with_capacity(dims * if base64 { 6 } else { 12 } + 256);
-        out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
-        let mut bytes = Vec::new();
-        let mut text = String::new();
-        let mut number = ryu::Buffer::new();
-        for (i, v) in a.embeddings.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
-            out.extend_from_slice(super::chunk::itoa(i as u64).as_bytes());
-            out.extend_from_slice(b",\"embedding\":");
-            if base64 {
-                bytes.clear();
-                bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-                text.clear();
-                base64::engine::general_purpose::STANDARD.encode_string(&bytes, &mut text);
-                out.push(b'"');
-                out.extend_from_slice(text.as_bytes());
-                out.push(b'"');
-            } else {
-                out.push(b'[');
-                for (j, x) in v.iter().enumerate() {
-                    if j > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(number.format_finite(*x).as_bytes());
-                }
-                out.push(b']');
-            }
-            out.push(b'}');
-        }
-        out.extend_from_slice(b"],\"model\":");
-        json::write_str(&mut out, a.model);
         let prompt = a.prompt_eval_count.unwrap_or(0);
-        out.extend_from_slice(b",\"usage\":{\"prompt_tokens\":");
-        out.extend_from_slice(super::chunk::itoa(prompt).as_bytes());
-        out.extend_from_slice(b",\"total_tokens\":");
-        out.extend_from_slice(super::chunk::itoa(prompt).as_bytes());
-        out.extend_from_slice(b"}}");
+        let out = super::chat::embeddings_list(&a.embeddings, model, prompt, base64);
         Some((out, Usage { prompt, ..Usage::default() }))
     })
 }
@@ -370,7 +279,7 @@ mod tests {
         let answer = json!({"model":"nomic-embed-text","embeddings":[[0.5,-0.25,1e-7],[0.125,2.0,-3.5]],
             "total_duration":14143917,"load_duration":1019500,"prompt_eval_count":8});
         let body = answer.to_string();
-        let (out, usage) = embeddings(body.as_bytes(), false).unwrap();
+        let (out, usage) = embeddings(body.as_bytes(), "nomic-embed-text", false).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             v,
@@ -380,15 +289,16 @@ mod tests {
                 "model":"nomic-embed-text","usage":{"prompt_tokens":8,"total_tokens":8}})
         );
         assert_eq!(usage.prompt, 8);
-        let (out, _) = embeddings(body.as_bytes(), true).unwrap();
+        let (out, _) = embeddings(body.as_bytes(), "nomic-embed-text", true).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         let decode = |s: &Value| -> Vec<f32> {
+            use base64::Engine as _;
             let b = base64::engine::general_purpose::STANDARD.decode(s.as_str().unwrap()).unwrap();
             b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
         };
         assert_eq!(decode(&v["data"][0]["embedding"]), [0.5, -0.25, 1e-7_f32]);
         assert_eq!(decode(&v["data"][1]["embedding"]), [0.125, 2.0, -3.5]);
-        assert!(embeddings(br#"{"model":"m","embeddings":[["x"]]}"#, false).is_none());
+        assert!(embeddings(br#"{"model":"m","embeddings":[["x"]]}"#, "m", false).is_none());
     }
 
     #[test]

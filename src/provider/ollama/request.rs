@@ -22,7 +22,6 @@ pub use crate::provider::chat::Translated;
 use crate::provider::chat::{
     bad, InContent, InMessage, InToolCall, InToolChoice, JsonMode, ResponseFormat, Stop, StreamOptions,
 };
-use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -311,21 +310,6 @@ fn raw_value(raw: Raw, param: &'static str) -> Result<Box<RawValue>, Error> {
     crate::provider::chat::raw_value(raw).ok_or_else(|| bad(param, format!("Invalid `{param}`.")))
 }
 
-#[derive(Deserialize)]
-struct EmbedRequest {
-    input: Input,
-    dimensions: Option<u64>,
-    encoding_format: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Input {
-    One(String),
-    Many(Vec<String>),
-    Other(IgnoredAny),
-}
-
 #[derive(Serialize)]
 struct EmbedOut<'a> {
     model: &'a str,
@@ -336,41 +320,11 @@ struct EmbedOut<'a> {
 
 /// An embeddings request for `/api/embed`, and whether the client wants base64 vectors.
 pub fn embed(body: &[u8], model: &str) -> Result<(bytes::Bytes, bool), Error> {
-    let parsed: Option<EmbedRequest> = json::with_scratch(body, |scratch| scratch.parse().ok());
-    // The rare malformed request is read again with serde_json, whose errors say what is wrong.
-    let req = match parsed {
-        Some(req) => req,
-        None => serde_json::from_slice(body).map_err(|e| {
-            if serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.get("input").is_none()) {
-                bad("input", "`input` is required.")
-            } else {
-                Error::invalid_request(format!("Invalid embeddings request: {e}."))
-            }
-        })?,
-    };
-    let input = match req.input {
-        Input::One(s) => vec![s],
-        Input::Many(v) if !v.is_empty() => v,
-        Input::Many(_) => return Err(bad("input", "`input` must not be empty.")),
-        Input::Other(_) => {
-            return Err(bad(
-                "input",
-                "`input` must be a string or an array of strings: Ollama does not take token arrays.",
-            ))
-        }
-    };
-    if req.dimensions == Some(0) {
-        return Err(bad("dimensions", "`dimensions` must be at least 1."));
-    }
-    let base64 = match req.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(_) => return Err(bad("encoding_format", "`encoding_format` must be \"float\" or \"base64\".")),
-    };
-    let out = EmbedOut { model, input, dimensions: req.dimensions };
+    let e = crate::provider::chat::embed_input(body, "Ollama")?;
+    let out = EmbedOut { model, input: e.input, dimensions: e.dimensions };
     let body =
         serde_json::to_vec(&out).map_err(|e| Error::invalid_request(format!("Cannot translate the request: {e}.")))?;
-    Ok((body.into(), base64))
+    Ok((body.into(), e.base64))
 }
 
 #[cfg(test)]
