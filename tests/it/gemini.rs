@@ -2,7 +2,9 @@
 //! `*.expected.jsonl`, written from the recorded events and the mapping in
 //! `src/provider/gemini/stream.rs`'s header, not produced by the translator), at whole,
 //! one-byte and random chunkings, with and without the usage chunk; a stream closed before its
-//! `finishReason`; a blocked prompt; an in-stream error.
+//! `finishReason`; a blocked prompt; an in-stream error; and random streams (text with escapes,
+//! thoughts, whole function calls with and without signatures) against a naive reference
+//! translation built with serde_json.
 
 use crate::anthropic::{openai_events, random_cuts, translate_with, without_usage};
 use lmgate::provider::gemini::stream::Stream;
@@ -133,5 +135,122 @@ fn finish_reasons_and_usage_with_thoughts_and_cache() {
             usage["usage"],
             json!({"prompt_tokens":10,"completion_tokens":8,"total_tokens":18,"prompt_tokens_details":{"cached_tokens":4}})
         );
+    }
+}
+
+/// A small deterministic generator (xorshift), so a failure names its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+
+    /// Text with the characters that need care.
+    fn text(&mut self) -> String {
+        const PIECES: &[&str] = &["a", " token", "\"", "\\", "\n", "\r\n", "é", "日本", "😀", "data: x", "\u{1}"];
+        (0..self.below(5)).map(|_| PIECES[self.below(PIECES.len() as u64) as usize]).collect()
+    }
+}
+
+/// A random Gemini stream: events with text, thoughts and whole function calls (some with a
+/// signature), cumulative usage, the last with a finish reason.
+fn random_stream(rng: &mut Rng) -> Vec<Value> {
+    let n = 1 + rng.below(10);
+    let mut prompt_tokens = 5;
+    (0..n)
+        .map(|i| {
+            let parts: Vec<Value> = (0..1 + rng.below(3))
+                .map(|_| match rng.below(4) {
+                    0 => json!({"text": rng.text(), "thought": true}),
+                    1 => {
+                        let mut p = json!({"functionCall": {"name": format!("f{}", rng.below(3)),
+                            "args": {"q": rng.text(), "n": rng.below(9), "l": [null, true, rng.text()]}}});
+                        if rng.below(2) == 0 {
+                            p["thoughtSignature"] = Value::String(format!("U2ln{}", rng.below(1000)));
+                        }
+                        p
+                    }
+                    _ => json!({"text": rng.text()}),
+                })
+                .collect();
+            prompt_tokens += rng.below(3);
+            let mut candidate = json!({"content": {"parts": parts, "role": "model"}, "index": 0});
+            if i + 1 == n {
+                candidate["finishReason"] = json!(["STOP", "MAX_TOKENS", "SAFETY", "OTHER", "MALFORMED_FUNCTION_CALL"][rng.below(5) as usize]);
+            }
+            json!({"candidates": [candidate], "modelVersion": "gemini-x", "responseId": "r",
+                "usageMetadata": {"promptTokenCount": prompt_tokens, "candidatesTokenCount": i, "thoughtsTokenCount": 2 * i}})
+        })
+        .collect()
+}
+
+/// The naive translation, from parsed events and the mapping rules in the translator's header.
+fn reference(events: &[Value], include_usage: bool) -> Vec<Value> {
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "gemini-x",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
+    let mut out = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let mut tools = 0u64;
+    for e in events {
+        let c = &e["candidates"][0];
+        for p in c["content"]["parts"].as_array().unwrap() {
+            if let Some(t) = p["text"].as_str().filter(|t| !t.is_empty()) {
+                let key = if p["thought"] == true { "reasoning_content" } else { "content" };
+                out.push(chunk(json!({ key: t }), Value::Null));
+            }
+            if let Some(f) = p.get("functionCall") {
+                let mut id = format!("call_chatcmpl-test_{tools}");
+                if let Some(s) = p["thoughtSignature"].as_str() {
+                    id = format!("{id}.{s}");
+                }
+                out.push(chunk(
+                    json!({"tool_calls": [{"index": tools, "id": id, "type": "function",
+                        "function": {"name": f["name"], "arguments": f["args"]}}]}),
+                    Value::Null,
+                ));
+                tools += 1;
+            }
+        }
+        if let Some(reason) = c["finishReason"].as_str() {
+            let finish = match reason {
+                "MAX_TOKENS" => "length",
+                "SAFETY" | "OTHER" => "content_filter",
+                _ if tools > 0 => "tool_calls",
+                _ => "stop",
+            };
+            out.push(chunk(json!({}), json!(finish)));
+            if include_usage {
+                let u = &e["usageMetadata"];
+                let p = u["promptTokenCount"].as_u64().unwrap();
+                let c = u["candidatesTokenCount"].as_u64().unwrap() + u["thoughtsTokenCount"].as_u64().unwrap();
+                out.push(
+                    json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "gemini-x", "choices": [],
+                    "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}),
+                );
+            }
+            out.push(json!("[DONE]"));
+        }
+    }
+    out
+}
+
+#[test]
+fn random_streams_match_the_naive_reference_at_random_chunkings() {
+    for seed in 1..=300u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let stream = random_stream(&mut rng);
+        let input = events(&stream);
+        let include_usage = seed % 2 == 1;
+        let got = translate(&input, &random_cuts(input.len(), seed), include_usage);
+        assert_eq!(got, reference(&stream, include_usage), "seed {seed}: {}", String::from_utf8_lossy(&input));
     }
 }
