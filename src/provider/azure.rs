@@ -102,15 +102,10 @@ impl Settings {
     /// Whether `model` can name a deployment in a URL path (the dated API; v1 takes any model,
     /// in the body).
     pub fn check_model(&self, model: &str) -> Result<(), String> {
-        if matches!(self.api, Version::V1(_)) || super::is_path_segment(model) {
-            return Ok(());
+        match self.api {
+            Version::V1(_) => Ok(()),
+            Version::Dated { .. } => super::check_path_segment(model, "an Azure OpenAI deployment"),
         }
-        Err(format!(
-            "`{}` is not an Azure OpenAI deployment name (letters, digits, `.`, `-`, `_` and `:`, starting with a \
-             letter or digit, at most {} characters).",
-            crate::error::clip(model),
-            super::MAX_PATH_SEGMENT
-        ))
     }
 
     /// The upstream request: the OpenAI passthrough's body, sent to the deployment's URL.
@@ -125,7 +120,7 @@ impl Settings {
             Version::V1(s) => return s.prepare(conn, call, target, deadline),
             Version::Dated { prefix, query, stream_usage } => (prefix, query, *stream_usage),
         };
-        let deployment = target.model.as_ref().map_or(call.model, |m| &m.name);
+        let deployment = target.upstream_model(call.model);
         self.check_model(deployment).map_err(|why| Error::invalid_request(why).param("model"))?;
         let endpoint = match call.api {
             Api::Chat => "/chat/completions",

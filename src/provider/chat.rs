@@ -1,7 +1,10 @@
-//! The parts of an OpenAI chat request (<https://platform.openai.com/docs/api-reference/chat/create>)
-//! that every translating provider reads the same way: messages, their content and tool calls,
-//! `stop`, `stream_options`; and the checks they share. Each provider's `request.rs` holds its
-//! own top-level request type (the parameters it maps or refuses) around these.
+//! The parts of OpenAI requests that every translating provider reads the same way: chat
+//! messages, their content and tool calls, `tools`, `tool_choice`, `response_format`, `stop`,
+//! `stream_options` (<https://platform.openai.com/docs/api-reference/chat/create>); the
+//! embeddings input and the embeddings list written back
+//! (<https://platform.openai.com/docs/api-reference/embeddings>); and the checks they share.
+//! Each provider's `request.rs` holds its own top-level request type (the parameters it maps or
+//! refuses) around these.
 
 use crate::error::Error;
 use crate::json::{self, Raw};
@@ -181,7 +184,10 @@ impl InToolCall<'_> {
         if json::members(args.as_bytes(), |_, _| true).is_err() {
             return Err(bad(
                 "messages",
-                format!("messages[{i}]: tool call `{}` has arguments that are not a JSON object.", self.id),
+                format!(
+                    "messages[{i}]: tool call `{}` has arguments that are not a JSON object.",
+                    crate::error::clip(&self.id)
+                ),
             ));
         }
         RawValue::from_string(args.to_owned())

@@ -527,6 +527,41 @@ pub fn status_error(conn: &Connection, status: StatusCode, headers: &HeaderMap) 
     e
 }
 
+/// The error for a translating provider's failure status, with the upstream's own message when
+/// its body gave one: 401/403 mean the gateway's key was refused (502, the message dropped: it
+/// may echo the key); 400, 404 (an unknown model), 413 and 422 are the client's to fix and keep
+/// their status, as do 429 and 503 so clients back off; 408/504 are timeouts; anything else is
+/// the upstream failing: 502.
+pub fn said_error(connection: &str, status: StatusCode, said: Option<String>) -> Error {
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Error::upstream_auth(connection, status);
+    }
+    let code = status.as_u16();
+    let message = said
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| format!("Connection `{connection}` answered with status {code}."));
+    match code {
+        400 | 404 | 413 | 422 => Error::upstream_status(status, "invalid_request_error", message),
+        429 => Error::upstream_status(status, "rate_limit_error", message),
+        503 => Error::upstream_status(status, "api_error", message),
+        408 | 504 => Error::upstream_failure(Kind::UpstreamTimeout, message),
+        _ => Error::upstream_status(StatusCode::BAD_GATEWAY, "api_error", message).code("upstream_error"),
+    }
+}
+
+/// `Ok` when `name` may be spliced into an upstream URL path ([`is_path_segment`]); else why
+/// not, `what` saying what it should have been (say, "a Gemini model").
+pub fn check_path_segment(name: &str, what: &str) -> Result<(), String> {
+    if is_path_segment(name) {
+        return Ok(());
+    }
+    Err(format!(
+        "`{}` is not {what} name (letters, digits, `.`, `-`, `_` and `:`, starting with a letter or digit, at most \
+         {MAX_PATH_SEGMENT} characters).",
+        crate::error::clip(name),
+    ))
+}
+
 /// The longest model or deployment name spliced into an upstream URL path.
 pub const MAX_PATH_SEGMENT: usize = 128;
 

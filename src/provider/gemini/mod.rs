@@ -68,15 +68,7 @@ impl Settings {
 
     /// Whether `model` can be spliced into the URL path.
     pub fn check_model(&self, model: &str) -> Result<(), String> {
-        if super::is_path_segment(model) {
-            return Ok(());
-        }
-        Err(format!(
-            "`{}` is not a Gemini model name (letters, digits, `.`, `-`, `_` and `:`, starting with a letter or digit, \
-             at most {} characters).",
-            crate::error::clip(model),
-            super::MAX_PATH_SEGMENT
-        ))
+        super::check_path_segment(model, "a Gemini model")
     }
 
     /// The `generateContent`, `streamGenerateContent` or `batchEmbedContents` request for a call.
@@ -194,10 +186,6 @@ struct ErrorInfo {
 /// dropped. 400 and 404 (an unknown model) keep their status, as do 429 and 503 so clients back
 /// off; 504 is a timeout; anything else is the upstream failing: 502.
 pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        return Error::upstream_auth(connection, status);
-    }
-    let code = status.as_u16();
     let parsed = serde_json::from_slice::<ErrorBody>(body).ok().map(|b| b.error);
     let retry = parsed.as_ref().and_then(|e| {
         e.details
@@ -205,15 +193,7 @@ pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
             .find(|d| d.kind.ends_with("google.rpc.RetryInfo"))
             .and_then(|d| d.retry_delay.as_deref().and_then(seconds))
     });
-    let message = parsed.map(|e| e.message).filter(|m| !m.is_empty());
-    let message = message.unwrap_or_else(|| format!("Connection `{connection}` answered with status {code}."));
-    let mut e = match code {
-        400 | 404 | 413 => Error::upstream_status(status, "invalid_request_error", message),
-        429 => Error::upstream_status(status, "rate_limit_error", message),
-        503 => Error::upstream_status(status, "api_error", message),
-        408 | 504 => Error::upstream_failure(Kind::UpstreamTimeout, message),
-        _ => Error::upstream_status(StatusCode::BAD_GATEWAY, "api_error", message).code("upstream_error"),
-    };
+    let mut e = super::said_error(connection, status, parsed.map(|e| e.message));
     e.retry_after = retry;
     e
 }

@@ -15,7 +15,7 @@ pub mod stream;
 
 use super::{Api, Call, Plan, Prepared, Reply};
 use crate::config::{ConfigError, Connection, RawConnection, Secrets};
-use crate::error::{Error, Kind};
+use crate::error::Error;
 use crate::json::{self, Raw, Usage};
 use crate::router::Target;
 use http::header::{self, HeaderName, HeaderValue};
@@ -107,19 +107,8 @@ struct ErrorBody {
 /// the client's to fix and keep their status; 429 and 503 (Ollama's queue is full) keep theirs so
 /// clients back off; 408/504 are timeouts; anything else is the upstream failing: 502.
 pub fn error_of(connection: &str, status: StatusCode, body: &[u8]) -> Error {
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        return Error::upstream_auth(connection, status);
-    }
-    let code = status.as_u16();
-    let said = serde_json::from_slice::<ErrorBody>(body).ok().map(|e| e.error).filter(|m| !m.is_empty());
-    let message = said.unwrap_or_else(|| format!("Connection `{connection}` answered with status {code}."));
-    match code {
-        400 | 404 | 413 | 422 => Error::upstream_status(status, "invalid_request_error", message),
-        429 => Error::upstream_status(status, "rate_limit_error", message),
-        503 => Error::upstream_status(status, "api_error", message),
-        408 | 504 => Error::upstream_failure(Kind::UpstreamTimeout, message),
-        _ => Error::upstream_status(StatusCode::BAD_GATEWAY, "api_error", message).code("upstream_error"),
-    }
+    let said = serde_json::from_slice::<ErrorBody>(body).ok().map(|e| e.error);
+    super::said_error(connection, status, said)
 }
 
 /// How this provider's answers are read.
@@ -321,6 +310,6 @@ mod tests {
         assert!(e.message.contains("`local` answered with status 500"), "{}", e.message);
         let e = error_of("local", StatusCode::UNAUTHORIZED, br#"{"error":"key sk-123 refused"}"#);
         assert!(!e.message.contains("sk-123"));
-        assert_eq!(e.kind, Kind::UpstreamAuth);
+        assert_eq!(e.kind, crate::error::Kind::UpstreamAuth);
     }
 }
