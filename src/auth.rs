@@ -33,6 +33,14 @@ impl Hash for Digest {
     }
 }
 
+impl Digest {
+    fn id(&self) -> KeyId {
+        let mut id = [0; 8];
+        id.copy_from_slice(&self.0[..8]);
+        KeyId(id)
+    }
+}
+
 fn digest(key: &str) -> Digest {
     Digest(Sha256::digest(key.as_bytes()).into())
 }
@@ -69,6 +77,11 @@ impl Keys {
     /// Whether no key is configured.
     pub fn is_empty(&self) -> bool {
         self.by_digest.is_empty()
+    }
+
+    /// Every key's id and group.
+    pub fn ids(&self) -> impl Iterator<Item = (KeyId, usize)> + '_ {
+        self.by_digest.iter().map(|(d, g)| (d.id(), *g))
     }
 
     /// How many keys belong to `group`.
@@ -113,9 +126,7 @@ pub fn check(keys: &Keys, open_group: Option<usize>, headers: &HeaderMap) -> Opt
     }
     let d = digest(presented_key(headers)?);
     let group = keys.by_digest.get(&d).copied()?;
-    let mut id = [0; 8];
-    id.copy_from_slice(&d.0[..8]);
-    Some(Caller { group, key: Some(KeyId(id)) })
+    Some(Caller { group, key: Some(d.id()) })
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ pub enum Kind {
     ClientTimeout,
     /// The request body is over the limit (413).
     TooLarge,
+    /// A rate, concurrency or budget limit of the gateway's (429).
+    Limited,
     /// The upstream could not be reached: refused, unresolvable, no TLS handshake (502).
     UpstreamUnreachable,
     /// The request was sent and the upstream closed the connection before answering (502).
@@ -94,7 +96,8 @@ impl Kind {
             | Kind::NotFound
             | Kind::MethodNotAllowed
             | Kind::ClientTimeout
-            | Kind::TooLarge => Side::Client,
+            | Kind::TooLarge
+            | Kind::Limited => Side::Client,
             Kind::UpstreamUnreachable
             | Kind::UpstreamClosed
             | Kind::UpstreamBroken
@@ -115,6 +118,7 @@ impl Kind {
             Kind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Kind::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::Limited => StatusCode::TOO_MANY_REQUESTS,
             Kind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Kind::UpstreamUnreachable
@@ -134,6 +138,7 @@ impl Kind {
             }
             Kind::Unauthenticated => "authentication_error",
             Kind::Forbidden => "permission_error",
+            Kind::Limited => "rate_limit_error",
             _ => "api_error",
         }
     }
@@ -148,6 +153,7 @@ impl Kind {
             Kind::MethodNotAllowed => "method_not_allowed",
             Kind::ClientTimeout => "client_timeout",
             Kind::TooLarge => "too_large",
+            Kind::Limited => "limited",
             Kind::UpstreamUnreachable => "upstream_unreachable",
             Kind::UpstreamClosed => "upstream_closed",
             Kind::UpstreamBroken => "upstream_broken",

@@ -54,6 +54,10 @@ pub struct RequestFields {
     pub prompt: Option<Range<usize>>,
     /// The `input` value (embeddings).
     pub input: Option<Range<usize>>,
+    /// The `max_tokens` value.
+    pub max_tokens: Option<Range<usize>>,
+    /// The `max_completion_tokens` value.
+    pub max_completion_tokens: Option<Range<usize>>,
 }
 
 /// Why a request body is unusable: malformed JSON, or a duplicated member.
@@ -66,7 +70,8 @@ pub enum RequestError {
 }
 
 /// Validates `body` as one JSON object and locates its top-level `model`, `stream`,
-/// `stream_options`, `messages`, `prompt` and `input` values. Nested keys of the same names are
+/// `stream_options`, `messages`, `prompt`, `input`, `max_tokens` and `max_completion_tokens`
+/// values. Nested keys of the same names are
 /// not looked at.
 pub fn scan_request(body: &[u8]) -> Result<RequestFields, RequestError> {
     if let Err(e) = std::str::from_utf8(body) {
@@ -82,6 +87,8 @@ pub fn scan_request(body: &[u8]) -> Result<RequestFields, RequestError> {
             Some(Known::Messages) => (&mut fields.messages, "messages"),
             Some(Known::Prompt) => (&mut fields.prompt, "prompt"),
             Some(Known::Input) => (&mut fields.input, "input"),
+            Some(Known::MaxTokens) => (&mut fields.max_tokens, "max_tokens"),
+            Some(Known::MaxCompletionTokens) => (&mut fields.max_completion_tokens, "max_completion_tokens"),
             None => return true,
         };
         if slot.0.is_some() {
@@ -219,16 +226,20 @@ enum Known {
     Messages,
     Prompt,
     Input,
+    MaxTokens,
+    MaxCompletionTokens,
 }
 
 fn key_name(raw: &[u8]) -> Option<Known> {
-    match unescaped_key::<16>(raw)?.as_slice() {
+    match unescaped_key::<24>(raw)?.as_slice() {
         b"model" => Some(Known::Model),
         b"stream" => Some(Known::Stream),
         b"stream_options" => Some(Known::StreamOptions),
         b"messages" => Some(Known::Messages),
         b"prompt" => Some(Known::Prompt),
         b"input" => Some(Known::Input),
+        b"max_tokens" => Some(Known::MaxTokens),
+        b"max_completion_tokens" => Some(Known::MaxCompletionTokens),
         _ => None,
     }
 }

@@ -68,6 +68,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod json;
+pub mod limit;
 pub mod log;
 pub mod metrics;
 pub mod origin;

@@ -137,6 +137,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        proxy.limits().start();
         let listener = match lmgate::server::bind(addr) {
             Ok(l) => l,
             Err(e) => {
@@ -167,8 +168,9 @@ fn main() -> ExitCode {
         let _ = std::io::stdout().flush();
         tracing::info!(%local, "lmgate ready");
         lmgate::server::serve(listener, proxy.clone(), shutdown_signal()).await;
-        // Records of the last requests are in the log before the process ends.
+        // Records of the last requests are in the log, and their spend saved, before the process ends.
         proxy.flush_log(std::time::Duration::from_secs(5));
+        proxy.limits().flush(std::time::Duration::from_secs(2)).await;
         ExitCode::SUCCESS
     })
 }

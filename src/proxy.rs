@@ -8,8 +8,10 @@
 //! bounded body read (max_request_bytes)  -> 413 (after reading the rest, bounded); body_timeout_secs -> 408
 //! json::scan_request: model, stream      -> 400 (malformed, missing, duplicated)
 //! router.route(model)                    -> 404; a route: one target, or a pool
+//! limits.admit(group, key)               -> 429 + Retry-After (reserve now, settle when the record is written)
 //! attempt::run (pool: pick, retry, cool down, fall back; see attempt.rs), per attempt:
-//!   group may not / disabled / provider refuses -> target skipped (403 / 503 / 400 if all are)
+//!   group may not / disabled / provider refuses / connection over quota -> target skipped
+//!     (403 / 503 / 400 / 429 if all are)
 //!   provider.prepare -> transport.send (header_timeout: 504; connect: 502)
 //!   -> provider.classify -> provider.respond (passthrough, translation, the mock's body)
 //!   -> streams with first_token_timeout_secs: the first body bytes
@@ -25,6 +27,7 @@ use crate::budget::{Budget, Held};
 use crate::config::{Config, ConfigError, Group};
 use crate::error::{Dialect, Error, Kind};
 use crate::json::{self, RequestError, Usage};
+use crate::limit::{self, Admission, Limits};
 use crate::metrics::{self, InFlight, Metrics};
 use crate::origin;
 use crate::provider::{mock::Mock, Api, Call, Verdict};
@@ -47,9 +50,9 @@ const MAX_COSTED_BODY: usize = 1 << 20;
 /// The longest `x-request-id` kept from a client.
 const MAX_REQUEST_ID: usize = 128;
 
-/// An answer: the response, the usage known before its body is sent, and the upstream request
-/// it keeps in flight.
-type Answer = (Response<Body>, Option<Usage>, Option<InFlight>);
+/// An answer: the response, the usage known before its body is sent, the upstream request it
+/// keeps in flight and its hold on the connection's quota.
+type Answer = (Response<Body>, Option<Usage>, Option<InFlight>, Option<Admission>);
 
 /// The gateway: the current snapshot, and the state that outlives snapshots (the mock's), shared
 /// by all connections.
@@ -61,6 +64,8 @@ pub struct Proxy {
     budget: Budget,
     /// Every metric; outlives reloads.
     metrics: Arc<Metrics>,
+    /// Rate limits, concurrency and spend; outlive reloads.
+    limits: Limits,
 }
 
 /// What a request path names.
@@ -117,13 +122,16 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Self, ConfigError> {
         let mock = Arc::new(Mock::default());
         let metrics = Arc::new(Metrics::default());
-        let snapshot = Snapshot::new(config, &mock, None, &metrics)?;
+        let limits = Limits::new(&config).map_err(ConfigError)?;
+        let mut snapshot = Snapshot::new(config, &mock, None, &metrics)?;
+        snapshot.limits = limits.bind(&snapshot.config);
         Ok(Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             mock,
             draining: AtomicBool::new(false),
             budget: Budget::default(),
             metrics,
+            limits,
         })
     }
 
@@ -135,8 +143,12 @@ impl Proxy {
     /// Replaces the configuration atomically. Requests in flight finish on the snapshot they
     /// started with; connections whose transport is unchanged keep their pools.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        if !self.limits.compatible(&config) {
+            return Err(ConfigError("limits: [limits] only takes effect on a restart".into()));
+        }
         let previous = self.snapshot.load_full();
-        let next = Snapshot::new(config, &self.mock, Some(&previous), &self.metrics)?;
+        let mut next = Snapshot::new(config, &self.mock, Some(&previous), &self.metrics)?;
+        next.limits = self.limits.bind(&next.config);
         self.snapshot.store(Arc::new(next));
         Ok(())
     }
@@ -164,6 +176,11 @@ impl Proxy {
         if let Some(log) = &self.snapshot.load().log {
             log.flush(within);
         }
+    }
+
+    /// The limits' counters.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Marks the gateway as shutting down: `/health/ready` answers 503 from now on.
@@ -234,12 +251,19 @@ impl Proxy {
                     let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
                     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
                 }
+                if e.code == Some("insufficient_quota") {
+                    // The SDKs retry a 429 unless told not to; a spent budget does not come back soon.
+                    response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+                }
                 record.outcome = Ended::Complete;
                 record.error = Some(e);
                 response
             }
         };
         let headers = response.headers_mut();
+        if let Some(quota) = &record.quota {
+            limit::set_headers(headers, quota);
+        }
         if record.attempts > 1 {
             headers.insert("x-lmgate-attempts", HeaderValue::from(record.attempts));
         }
@@ -325,11 +349,28 @@ impl Proxy {
 
         let route = cfg.router.route(&model).ok_or_else(|| Error::model_not_found(&model))?;
         record.route = Some(route.id);
-        let call = Call { api, body: &body, fields: &fields, model: &model, fallback: false, stream, headers };
         let group = &cfg.groups[caller.group];
+        let estimate = limit::Estimate::new(api, &fields, &body);
+        if snap.limits.admits(caller) {
+            let ask = estimate.ask(snap, route, &model, caller.group)?;
+            let limited = snap.limits.group_limited(caller.group);
+            match self.limits.admit(&snap.limits, caller, ask).await {
+                Ok((admission, quota)) => {
+                    record.admission = admission;
+                    record.quota = limited.then_some(quota);
+                }
+                Err(denied) => {
+                    record.quota = denied.quota().filter(|_| limited);
+                    return Err(denied.error());
+                }
+            }
+        }
+        let call = Call { api, body: &body, fields: &fields, model: &model, fallback: false, stream, headers };
         let waited = AtomicU64::new(0);
+        let limits = &self.limits;
         let run = attempt::run(&cfg.router, route, &model, |target, name| {
-            Self::attempt(snap, group, Call { model: name, fallback: name != call.model, ..call }, target, &waited)
+            let call = Call { model: name, fallback: name != call.model, ..call };
+            Self::attempt(snap, group, call, target, &waited, (limits, &estimate))
         })
         .await;
         record.upstream_wait = Duration::from_nanos(waited.load(Ordering::Relaxed));
@@ -342,8 +383,9 @@ impl Proxy {
         record.attempts = run.attempts;
         record.retried = run.failed;
         record.lease = run.lease;
-        let (response, usage, in_flight) = run.result?;
+        let (response, usage, in_flight, admission) = run.result?;
         record.in_flight = in_flight;
+        record.upstream_admission = admission;
         record.usage = usage.or(record.usage);
         if !stream {
             record.price_usage();
@@ -360,6 +402,7 @@ impl Proxy {
         call: Call<'_>,
         target: &Target,
         waited: &AtomicU64,
+        (limits, estimate): (&Limits, &limit::Estimate),
     ) -> Outcome<Answer> {
         let Some((conn, transport)) = snap.connection(target.connection) else {
             return Outcome::Skip(Error::unavailable("The route names an unknown connection."));
@@ -375,6 +418,15 @@ impl Proxy {
         let prepared = match provider.prepare(conn, &call, target) {
             Ok(p) => p,
             Err(e) => return Outcome::Skip(e),
+        };
+        // The upstream's quota: over it, the target is skipped as if it were cooling down.
+        let admission = if snap.limits.connection_limited(target.connection) {
+            match limits.admit_connection(&snap.limits, target.connection, estimate.on(conn)).await {
+                Ok(a) => a,
+                Err(denied) => return Outcome::Skip(denied.error()),
+            }
+        } else {
+            None
         };
         let plan = prepared.plan;
         let upstream = snap.metrics.upstream(target.connection);
@@ -392,11 +444,11 @@ impl Proxy {
                         // Read a small body whole, so its usage (and cost) is known before its head goes out.
                         (false, _) => usage = body.settle(MAX_COSTED_BODY, &conn.name).await?.or(usage),
                     }
-                    Outcome::Success((response, usage, in_flight))
+                    Outcome::Success((response, usage, in_flight, admission))
                 }
                 Verdict::Failure { error, relay: Some(head) } => {
                     let relay = provider.respond(conn, head, &plan).await.ok();
-                    Outcome::Failure { error, relay: relay.map(|(r, u)| (r, u, in_flight)) }
+                    Outcome::Failure { error, relay: relay.map(|(r, u)| (r, u, in_flight, None)) }
                 }
                 Verdict::Failure { error, relay: None } => Outcome::failed(error),
             })
@@ -417,7 +469,7 @@ fn attempt_outcome(outcome: &Outcome<Answer>) -> metrics::Attempt {
     let class = |status: StatusCode| if status.is_client_error() { Attempt::Status4xx } else { Attempt::Status5xx };
     match outcome {
         Outcome::Success(_) => Attempt::Ok,
-        Outcome::Failure { relay: Some((r, _, _)), .. } => class(r.status()),
+        Outcome::Failure { relay: Some((r, ..)), .. } => class(r.status()),
         Outcome::Failure { error, relay: None } => match error.kind {
             Kind::UpstreamUnreachable => Attempt::ConnectError,
             Kind::UpstreamTimeout => Attempt::Timeout,

@@ -72,6 +72,12 @@ pub struct Record {
     pub lease: Option<crate::pool::Lease>,
     /// The answering upstream request, in flight until this record is written.
     pub in_flight: Option<InFlight>,
+    /// The request's hold on its group's and key's limits, settled when this record is written.
+    pub admission: Option<crate::limit::Admission>,
+    /// The answering attempt's hold on its connection's quota, settled likewise.
+    pub upstream_admission: Option<crate::limit::Admission>,
+    /// The caller's standing against its limits (the `x-ratelimit-*` headers).
+    pub quota: Option<crate::limit::Quota>,
     /// Upstream attempts made.
     pub attempts: u32,
     /// The kinds of the failed attempts before the last one, oldest first.
@@ -127,6 +133,9 @@ impl Record {
             upstream_model: None,
             lease: None,
             in_flight: None,
+            admission: None,
+            upstream_admission: None,
+            quota: None,
             attempts: 0,
             retried: Vec::new(),
             status: 0,
@@ -152,6 +161,22 @@ impl Record {
         let price = self.snap.metrics.price(&self.snap.config, r, t, self.upstream_model.as_deref()?)?;
         self.cost = price.cost(usage);
         self.cost
+    }
+
+    /// Settles the limits with what the request used: the usage and cost of a success (its
+    /// reservation, when the upstream reported no usage), nothing for a failure.
+    fn settle(&mut self) {
+        if self.admission.is_none() && self.upstream_admission.is_none() {
+            return;
+        }
+        let (tokens, cost) = match (self.status, &self.usage) {
+            (200..=299, Some(u)) => (Some(u.prompt.saturating_add(u.completion)), self.cost),
+            (200..=299, None) => (None, None),
+            _ => (Some(0), Some(0.0)),
+        };
+        for a in [self.admission.take(), self.upstream_admission.take()].into_iter().flatten() {
+            a.settle(tokens, cost);
+        }
     }
 
     /// The time the gateway itself added: the whole time, less the waits for response heads
@@ -284,6 +309,7 @@ impl Drop for Record {
         let total = self.started.elapsed();
         let overhead = self.overhead(total);
         self.metrics(total, overhead);
+        self.settle();
         self.trace(total);
         // Probes and scrapes come every few seconds: counted in the metrics, not logged.
         if self.snap.log.is_some() && !matches!(self.endpoint, "health" | "metrics") {

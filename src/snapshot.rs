@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub metrics: Handles,
     /// The request log, when `[log] requests` is set (kept across reloads that keep its path).
     pub log: Option<Arc<RequestLog>>,
+    /// The limited scopes bound to their counters ([`crate::limit::Limits::bind`]).
+    pub limits: crate::limit::Bound,
 }
 
 impl Snapshot {
@@ -69,7 +71,7 @@ impl Snapshot {
             },
         };
         let handles = Handles::new(metrics.clone(), &config);
-        Ok(Snapshot { config: Arc::new(config), transports, metrics: handles, log })
+        Ok(Snapshot { config: Arc::new(config), transports, metrics: handles, log, limits: Default::default() })
     }
 
     /// The connection with id `id` and its transport.

@@ -11,6 +11,7 @@
 //! (requests routed there get 503 naming the variable); a missing variable in a group's
 //! `api_keys` is an error, so a typo can never leave the gateway open.
 
+pub mod limits;
 pub mod observe;
 mod routing;
 
@@ -87,6 +88,8 @@ pub struct RawConfig {
     cooldown: routing::RawCooldown,
     #[serde(default)]
     groups: IndexMap<String, RawGroup>,
+    #[serde(default)]
+    limits: limits::RawLimits,
     #[serde(default)]
     metrics: observe::RawMetrics,
     #[serde(default)]
@@ -167,8 +170,12 @@ pub struct RawConnection {
     forward_headers: Vec<String>,
     /// Anthropic: the `anthropic-version` header.
     pub anthropic_version: Option<String>,
-    /// Anthropic: `max_tokens` when the client gives none.
-    pub default_max_tokens: Option<u64>,
+    /// The completion tokens a request without `max_tokens` is assumed to use (tpm and budget
+    /// reservations; Anthropic also sends it, as its API requires `max_tokens`).
+    pub default_max_tokens: Option<toml::Spanned<i64>>,
+    rpm: Option<toml::Spanned<i64>>,
+    tpm: Option<toml::Spanned<i64>>,
+    max_concurrent: Option<toml::Spanned<i64>>,
     /// Azure OpenAI: the API version (dated, or `v1`).
     pub api_version: Option<toml::Spanned<String>>,
 }
@@ -178,19 +185,13 @@ pub struct RawConnection {
 const PROVIDER_KEYS: &[(&str, &[ApiType])] = &[
     ("stream_usage", &[ApiType::Openai, ApiType::Azure]),
     ("anthropic_version", &[ApiType::Anthropic]),
-    ("default_max_tokens", &[ApiType::Anthropic]),
     ("api_version", &[ApiType::Azure]),
 ];
 
 impl RawConnection {
     /// The provider-specific keys that are set.
     fn provider_keys(&self) -> impl Iterator<Item = (&'static str, &'static [ApiType])> + '_ {
-        let set = [
-            self.stream_usage.is_some(),
-            self.anthropic_version.is_some(),
-            self.default_max_tokens.is_some(),
-            self.api_version.is_some(),
-        ];
+        let set = [self.stream_usage.is_some(), self.anthropic_version.is_some(), self.api_version.is_some()];
         PROVIDER_KEYS.iter().zip(set).filter(|(_, set)| *set).map(|(k, _)| *k)
     }
 }
@@ -251,6 +252,14 @@ struct RawGroup {
     api_keys: Vec<String>,
     allowed_connections: Option<NameList>,
     allowed_models: Option<NameList>,
+    rpm: Option<toml::Spanned<i64>>,
+    tpm: Option<toml::Spanned<i64>>,
+    max_concurrent: Option<toml::Spanned<i64>>,
+    key_rpm: Option<toml::Spanned<i64>>,
+    key_tpm: Option<toml::Spanned<i64>>,
+    key_max_concurrent: Option<toml::Spanned<i64>>,
+    budget_usd: Option<toml::Spanned<f64>>,
+    budget_period: Option<toml::Spanned<String>>,
 }
 
 /// `"*"`, a comma-separated string (lm-proxy's form) or a list of names.
@@ -297,6 +306,8 @@ pub struct Config {
     pub log: observe::Log,
     /// `[prices]`.
     pub prices: observe::Prices,
+    /// `[limits]`.
+    pub limits: limits::Limits,
 }
 
 /// `[server]`.
@@ -379,6 +390,10 @@ pub struct Connection {
     pub timeouts: Timeouts,
     /// Extra client request headers passed upstream (lower-case names, `*` wildcards).
     pub forward_headers: Vec<Pattern>,
+    /// The upstream's quota: the gateway never sends more.
+    pub limits: limits::Rates,
+    /// Completion tokens assumed for a request without `max_tokens`.
+    pub default_max_tokens: u64,
 }
 
 impl Connection {
@@ -408,6 +423,12 @@ pub struct Group {
     pub connections: Vec<bool>,
     /// Allowed model patterns; `None` allows every model.
     pub models: Option<Vec<Pattern>>,
+    /// The group's limits, all its keys together.
+    pub limits: limits::Rates,
+    /// The same limits for each key of the group.
+    pub key_limits: limits::Rates,
+    /// The group's spending limit.
+    pub budget: Option<limits::Budget>,
 }
 
 impl Group {
@@ -418,6 +439,8 @@ impl Group {
     }
 }
 
+/// `default_max_tokens` when a connection sets none.
+pub const DEFAULT_MAX_TOKENS: usize = 4096;
 const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
 const DEFAULT_MAX_REQUEST_BYTES: usize = 32 << 20;
 
@@ -482,7 +505,12 @@ impl Config {
                     ));
                 }
             }
-            groups.push(Group { name: gname.clone(), connections: allowed, models });
+            let source = raw.source.as_deref();
+            let prefix = format!("groups.{gname}.");
+            let limits = limits::rates(&prefix, "", [&g.rpm, &g.tpm, &g.max_concurrent], source)?;
+            let key_limits = limits::rates(&prefix, "key_", [&g.key_rpm, &g.key_tpm, &g.key_max_concurrent], source)?;
+            let budget = limits::budget(gname, &g.budget_usd, &g.budget_period, source)?;
+            groups.push(Group { name: gname.clone(), connections: allowed, models, limits, key_limits, budget });
         }
 
         let open_line = raw.server.open.as_ref().map_or(String::new(), |o| line_of(raw.source.as_deref(), o.span()));
@@ -507,6 +535,9 @@ impl Config {
                         name: "open".into(),
                         connections: vec![true; connections.len()],
                         models: None,
+                        limits: limits::Rates::default(),
+                        key_limits: limits::Rates::default(),
+                        budget: None,
                     });
                     groups.len() - 1
                 }
@@ -525,7 +556,8 @@ impl Config {
         }
         let log = observe::compile_log(&raw.log, source)?;
         let prices = observe::compile_prices(&raw.prices, &connections, source)?;
-        Ok(Config { server, connections, router, groups, keys, open_group, warnings, metrics, log, prices })
+        let limits = limits::compile(&raw.limits, env, source)?;
+        Ok(Config { server, connections, router, groups, keys, open_group, warnings, metrics, log, prices, limits })
     }
 
     /// A summary for `lmgate check`: never secret values.
@@ -595,6 +627,15 @@ impl Config {
                 let m: Vec<&str> = m.iter().map(Pattern::as_str).collect();
                 let _ = write!(s, ", models: {}", m.join(", "));
             }
+            if g.limits.any() {
+                let _ = write!(s, ", limits: {}", g.limits.describe());
+            }
+            if g.key_limits.any() {
+                let _ = write!(s, ", per key: {}", g.key_limits.describe());
+            }
+            if let Some(b) = &g.budget {
+                let _ = write!(s, ", budget: ${} per {}", b.usd, b.period.name());
+            }
             s.push('\n');
         }
         let m = &self.metrics;
@@ -615,6 +656,10 @@ impl Config {
             }
         }
         let _ = writeln!(s, "prices: {}", self.prices.len());
+        let _ = writeln!(s, "limits: {}", self.limits.describe());
+        for c in self.connections.iter().filter(|c| c.limits.any()) {
+            let _ = writeln!(s, "  connection {}: {}", c.name, c.limits.describe());
+        }
         for w in &self.warnings {
             let _ = writeln!(s, "warning: {w}");
         }
@@ -904,6 +949,10 @@ fn compile_connection(
             c.api_type.name()
         ));
     }
+    let prefix = format!("connections.{name}.");
+    let limits = limits::rates(&prefix, "", [&c.rpm, &c.tpm, &c.max_concurrent], source)?;
+    let default_max_tokens =
+        count(&key("default_max_tokens"), &c.default_max_tokens, DEFAULT_MAX_TOKENS, 1, source)? as u64;
     let mut secrets = Secrets { env, name, source, disabled: None };
     let (provider, mut headers) = Provider::compile(c.api_type, name, c, &mut secrets)?;
     for (h, v) in &c.headers {
@@ -933,6 +982,8 @@ fn compile_connection(
         ca_file: c.ca_file.clone(),
         timeouts,
         forward_headers: c.forward_headers.iter().map(|h| Pattern::new(&h.to_ascii_lowercase())).collect(),
+        limits,
+        default_max_tokens,
     })
 }
 
@@ -1082,7 +1133,7 @@ mod tests {
         let cfg = parse("[connections.l]\napi_type = \"ollama\"\n[routing]\n\"llama*\" = \"l.*\"\n", &[]).unwrap();
         assert_eq!(cfg.connections[0].provider.base_url(), Some("http://127.0.0.1:11434"));
         assert!(cfg.connections[0].headers.is_empty(), "no key, no Authorization header");
-        for key in ["stream_usage = false", "api_version = \"v1\"", "default_max_tokens = 5"] {
+        for key in ["stream_usage = false", "api_version = \"v1\""] {
             let e = parse(&format!("[connections.l]\napi_type = \"ollama\"\n{key}\n"), &[]).unwrap_err();
             assert!(e.0.contains("connections, not ollama"), "{key}: {e}");
         }
@@ -1198,12 +1249,10 @@ mod tests {
         assert_eq!(a.messages.to_string(), "https://api.anthropic.com/v1/messages");
         assert!(c.headers.iter().any(|(n, v)| n == "x-api-key" && v == "sk-ant"));
         assert!(c.headers.iter().any(|(n, v)| n == "anthropic-version" && v == "2023-06-01"));
-        assert_eq!(a.default_max_tokens, 100);
-        let e = parse("[connections.o]\napi_type = \"openai\"\ndefault_max_tokens = 5\n", &[]).unwrap_err();
-        assert_eq!(
-            e.0,
-            "connections.o.default_max_tokens: `default_max_tokens` is for anthropic connections, not openai"
-        );
+        assert_eq!(c.default_max_tokens, 100);
+        // Every connection has one now (limits reserve it); 4096 unless set.
+        let o = parse("[connections.o]\napi_type = \"openai\"\n", &[]).unwrap();
+        assert_eq!(o.connections[0].default_max_tokens, 4096);
         let e = parse("[connections.A]\napi_type = \"anthropic\"\napi_key = \"k\"\nstream_usage = false\n", &[])
             .unwrap_err();
         assert_eq!(

@@ -34,8 +34,6 @@ const REQUEST_HEADERS: &[&str] = &["user-agent", "x-request-id"];
 const DEFAULT_BASE: &str = "https://api.anthropic.com";
 /// The `anthropic-version` header value (<https://docs.anthropic.com/en/api/versioning>).
 const DEFAULT_VERSION: &str = "2023-06-01";
-/// `max_tokens` when the client gives none: the Messages API requires one.
-const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 /// An Anthropic connection's own settings.
 #[derive(Debug)]
@@ -44,13 +42,10 @@ pub struct Settings {
     pub base: String,
     /// `{base}/v1/messages`.
     pub messages: Uri,
-    /// `max_tokens` sent when the client gives none.
-    pub default_max_tokens: u64,
 }
 
 impl Settings {
-    /// Compiles `api_base`, `api_key` (sent as `x-api-key`), `anthropic_version` and
-    /// `default_max_tokens`.
+    /// Compiles `api_base`, `api_key` (sent as `x-api-key`) and `anthropic_version`.
     pub fn compile(
         name: &str,
         raw: &RawConnection,
@@ -68,12 +63,8 @@ impl Settings {
             HeaderName::from_static("anthropic-version"),
             crate::config::header_value(&key("anthropic_version"), version)?,
         ));
-        let default_max_tokens = raw.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-        if default_max_tokens == 0 {
-            return Err(ConfigError(format!("{}: must be at least 1", key("default_max_tokens"))));
-        }
         let messages = crate::config::endpoint_url(&key("api_base"), &base, "/v1/messages")?;
-        Ok((super::Provider::Anthropic(Settings { base, messages, default_max_tokens }), headers))
+        Ok((super::Provider::Anthropic(Settings { base, messages }), headers))
     }
 
     /// The Messages request for a chat call.
@@ -92,7 +83,8 @@ impl Settings {
             ))
             .param("model"));
         }
-        let translated = request::translate(call.body, target.upstream_model(call.model), self.default_max_tokens)?;
+        // The Messages API requires `max_tokens`: the connection's default when the client gives none.
+        let translated = request::translate(call.body, target.upstream_model(call.model), conn.default_max_tokens)?;
         let request = super::upstream_post(conn, &self.messages, vec![translated.body], REQUEST_HEADERS, call.headers)?;
         let plan = Plan {
             stream: translated.stream,
