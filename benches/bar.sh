@@ -8,6 +8,7 @@
 #
 #   bash benches/bar.sh                 # about 12 minutes
 #   DUR=2 ROUNDS=5 bash benches/bar.sh  # quicker, noisier
+#   LIMITS=1 bash benches/bar.sh        # lmgate with a key and group limits on every request
 #
 # Cores: the proxy under test (lmgate or nginx, one worker) runs on core $PROXY_CORE; the bench
 # client and the mock share core $CLIENT_CORE. Both proxies stay up all the time and only one is
@@ -62,7 +63,7 @@ bench() {
     echo
     echo "==> $name: $url vs $direct: $*"
     taskset -c "$CLIENT_CORE" "$BIN" bench --url "$url" --compare "$direct" --rounds "$ROUNDS" \
-        --warmup "$WARMUP" --save "$OUT/$name.json" "$@"
+        --warmup "$WARMUP" --save "$OUT/$name.json" ${KEY_ARGS[@]+"${KEY_ARGS[@]}"} "$@"
 }
 
 rss "$LMGATE_PID" VmRSS >"$OUT/rss-start.kb"
@@ -126,7 +127,8 @@ many() { # many SCENARIO PROXY URL ROUND ARGS...
     if [[ $proxy == nginx ]]; then read -r -a pids <<<"$(pgrep -f 'nginx: worker' | tr '\n' ' ')"; else pids=("$LMGATE_PID"); fi
     t0=$(ticks "${pids[@]}") m0=$(ticks "$MOCK_PID") s0=$(date +%s.%N)
     taskset -c "$CLIENT_CORE" "$BIN" bench --url "$url" --kind chat-stream --chunks 100 --duration "$MANY_DUR" \
-        --warmup 0.5 --save "$OUT/$scenario-$proxy-$round.json" "$@" >"$OUT/$scenario-$proxy-$round.txt"
+        --warmup 0.5 --save "$OUT/$scenario-$proxy-$round.json" ${KEY_ARGS[@]+"${KEY_ARGS[@]}"} "$@" \
+        >"$OUT/$scenario-$proxy-$round.txt"
     echo "$(($(ticks "${pids[@]}") - t0)) $(($(ticks "$MOCK_PID") - m0)) $s0 $(date +%s.%N)" \
         >"$OUT/$scenario-$proxy-$round.cpu"
 }

@@ -52,6 +52,20 @@ forward_headers = ["x-mock-*"]
 [log]
 requests = "$OUT/requests.jsonl"
 EOF
+# LIMITS=1: every request authenticates and is admitted against group and key limits (memory
+# backend) set high enough never to refuse, so the bar measures what admission costs.
+KEY_ARGS=()
+if [[ ${LIMITS:-0} == 1 ]]; then
+    cat >>"$OUT/lmgate.toml" <<EOF
+[groups.bench]
+api_keys = ["sk-bench"]
+rpm = 1000000000
+tpm = 1000000000000
+max_concurrent = 100000
+key_rpm = 1000000000
+EOF
+    KEY_ARGS=(-H "authorization:Bearer sk-bench")
+fi
 
 # nginx_conf EXTRA: one worker; EXTRA adds main-context lines (e.g. `master_process off;`).
 nginx_conf() {

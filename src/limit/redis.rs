@@ -196,7 +196,7 @@ impl Store {
         }
         let mut conn = self.connection()?;
         let out: Vec<i64> = inv.invoke_async(&mut conn).await?;
-        let us = |v: i64| (v >= 0).then(|| v as f64 * 1e3);
+        let us = |v: i64| (v >= 0).then_some(v as f64 * 1e3);
         let window = |limit: Option<u64>, ahead: Option<f64>| Some(super::window(limit?, ahead.unwrap_or(0.0)));
         Ok(match out.first() {
             Some(1) => {

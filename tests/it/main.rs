@@ -7,6 +7,7 @@ mod sse;
 // The gateway over real sockets: in-process gateway, scripted upstream, raw client.
 mod connections;
 mod harness;
+mod limits;
 mod origin;
 mod pools;
 mod reload;
