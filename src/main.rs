@@ -162,12 +162,13 @@ fn main() -> ExitCode {
         if let Some((source, watch)) = source {
             reload::spawn(proxy.clone(), source, watch);
         }
+        let shutdown = shutdown_signal();
         let local = listener.local_addr().map_or(addr, |a| a);
         // One line on stdout, so scripts and tests can find the port when listening on :0.
         println!("listening on {local}");
         let _ = std::io::stdout().flush();
         tracing::info!(%local, "lmgate ready");
-        lmgate::server::serve(listener, proxy.clone(), shutdown_signal()).await;
+        lmgate::server::serve(listener, proxy.clone(), shutdown).await;
         // Records of the last requests are in the log, and their spend saved, before the process ends.
         proxy.flush_log(std::time::Duration::from_secs(5));
         proxy.limits().flush(std::time::Duration::from_secs(2)).await;
@@ -175,24 +176,32 @@ fn main() -> ExitCode {
     })
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is called, not when the
+/// future is first polled: a signal sent right after the "listening on" line is never lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = term.recv() => {},
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = int.recv() => {},
+                        _ = term.recv() => {},
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
