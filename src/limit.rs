@@ -43,6 +43,8 @@ mod redis;
 const WINDOW: f64 = 60e9;
 /// Tolerance for float rounding: N reservations of 60/N s fill the window exactly.
 const SLACK: f64 = 1e-6;
+/// The scopes one admission checks: a group and one of its keys, or a connection.
+const MAX_SCOPES: usize = 2;
 /// How long a Redis concurrency lease lives unless renewed.
 const LEASE_TTL: Duration = Duration::from_secs(30);
 
@@ -493,8 +495,10 @@ impl Inner {
         if let Some(m) = scopes.iter().find_map(|s| never(s, ask)) {
             return Err(Denied::Never(m));
         }
-        let now = SystemTime::now();
-        let period = scopes.iter().find_map(|s| s.budget).map_or(0, |b| period(b.period, now).0);
+        // The wall clock only matters to budgets (their calendar periods).
+        let budget = scopes.iter().find_map(|s| s.budget);
+        let now = if budget.is_some() { SystemTime::now() } else { SystemTime::UNIX_EPOCH };
+        let period = budget.map_or(0, |b| period(b.period, now).0);
         let (quota, lease) = match &self.settings.backend {
             Backend::Memory { .. } => (self.admit_local(&scopes, ask, now)?, None),
             Backend::Redis { timeout, .. } => {
@@ -546,12 +550,16 @@ impl Inner {
     /// committed together.
     fn admit_local(&self, scopes: &[Arc<Scope>], ask: Ask, wall: SystemTime) -> Result<Quota, Denied> {
         let now = clock();
-        let mut guards: Vec<_> =
-            scopes.iter().map(|s| s.cell.state.lock().unwrap_or_else(|e| e.into_inner())).collect();
-        let mut next = Vec::with_capacity(scopes.len());
+        // At most a group and a key: the locks and the new states live on the stack.
+        debug_assert!(scopes.len() <= MAX_SCOPES);
+        let mut guards: [Option<std::sync::MutexGuard<'_, State>>; MAX_SCOPES] = [None, None];
+        for (g, s) in guards.iter_mut().zip(scopes) {
+            *g = Some(s.cell.state.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        let mut next = [State::default(); MAX_SCOPES];
         let mut quota = Quota::default();
         let mut wait: Option<(f64, usize)> = None;
-        for (i, (scope, st)) in scopes.iter().zip(guards.iter()).enumerate() {
+        for (i, (scope, st)) in scopes.iter().zip(guards.iter().flatten()).enumerate() {
             let mut n = **st;
             let mut slow = |w: f64| {
                 if wait.is_none_or(|(x, _)| w > x) {
@@ -593,18 +601,18 @@ impl Inner {
                 requests: r.rpm.map(|l| window(l, n.requests - now)),
                 tokens: r.tpm.map(|l| window(l, n.tokens - now)),
             });
-            next.push(n);
+            next[i] = n;
         }
         if let Some((w, i)) = wait {
             let s = &scopes[i];
-            let st = &*guards[i];
+            let Some(st) = guards[i].as_deref() else { unreachable!("scope {i} is locked") };
             let quota = Quota {
                 requests: s.rates.rpm.map(|l| window(l, st.requests - now)),
                 tokens: s.rates.tpm.map(|l| window(l, st.tokens - now)),
             };
             return Err(Denied::Limited { scope: s.name.clone(), wait: Duration::from_nanos(w as u64), quota });
         }
-        for (g, n) in guards.iter_mut().zip(next) {
+        for (g, n) in guards.iter_mut().flatten().zip(next) {
             **g = n;
         }
         if scopes.iter().any(|s| s.budget.is_some()) {
@@ -727,23 +735,21 @@ pub fn reset_text(d: Duration) -> String {
 /// Sets OpenAI's rate-limit headers from `quota`, replacing any the upstream sent (they describe
 /// the operator's account, not the caller's).
 pub fn set_headers(headers: &mut http::HeaderMap, quota: &Quota) {
-    for (kind, w) in [("requests", quota.requests), ("tokens", quota.tokens)] {
-        let names = [
-            format!("x-ratelimit-limit-{kind}"),
-            format!("x-ratelimit-remaining-{kind}"),
-            format!("x-ratelimit-reset-{kind}"),
-        ];
-        for n in &names {
-            headers.remove(n.as_str());
-        }
-        if let Some(w) = w {
-            let values = [w.limit.to_string(), w.remaining.to_string(), reset_text(w.reset)];
-            for (n, v) in names.iter().zip(values) {
-                if let (Ok(n), Ok(v)) = (http::HeaderName::try_from(n.as_str()), http::HeaderValue::try_from(v)) {
-                    headers.insert(n, v);
-                }
+    const NAMES: [[&str; 3]; 2] = [
+        ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+        ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"],
+    ];
+    for (names, w) in NAMES.iter().zip([quota.requests, quota.tokens]) {
+        let [limit, remaining, reset] = names.map(http::HeaderName::from_static);
+        let Some(w) = w else {
+            for n in [limit, remaining, reset] {
+                headers.remove(n);
             }
-        }
+            continue;
+        };
+        headers.insert(limit, http::HeaderValue::from(w.limit));
+        headers.insert(remaining, http::HeaderValue::from(w.remaining));
+        headers.insert(reset, http::HeaderValue::try_from(reset_text(w.reset)).expect("digits and units"));
     }
 }
 

@@ -82,7 +82,11 @@ fn main() -> ExitCode {
     let (config, log_format, quiet) = match cli.command {
         Command::Bench(args) => return lmgate::bench::run(*args),
         Command::Check { config, env } => {
-            return match (Source { config: config.clone(), env }).load() {
+            // The limits' store is checked too (the state file read, the Redis URL parsed; no
+            // connection is made).
+            let loaded = (Source { config: config.clone(), env }).load();
+            let loaded = loaded.and_then(|cfg| lmgate::limit::Limits::new(&cfg).map(|_| cfg));
+            return match loaded {
                 Ok(cfg) => {
                     print!("{}", cfg.summary());
                     println!("{}: OK", config.display());

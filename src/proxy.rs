@@ -351,16 +351,17 @@ impl Proxy {
         record.route = Some(route.id);
         let group = &cfg.groups[caller.group];
         let estimate = limit::Estimate::new(api, &fields, &body);
+        // A group or key with limits: admitted (tokens and cost reserved) or refused here, and
+        // its standing goes out in the x-ratelimit-* headers either way.
         if snap.limits.admits(caller) {
             let ask = estimate.ask(snap, route, &model, caller.group)?;
-            let limited = snap.limits.group_limited(caller.group);
             match self.limits.admit(&snap.limits, caller, ask).await {
                 Ok((admission, quota)) => {
                     record.admission = admission;
-                    record.quota = limited.then_some(quota);
+                    record.quota = Some(quota);
                 }
                 Err(denied) => {
-                    record.quota = denied.quota().filter(|_| limited);
+                    record.quota = denied.quota();
                     return Err(denied.error());
                 }
             }
