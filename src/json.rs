@@ -58,6 +58,8 @@ pub struct RequestFields {
     pub max_tokens: Option<Range<usize>>,
     /// The `max_completion_tokens` value.
     pub max_completion_tokens: Option<Range<usize>>,
+    /// The `encoding_format` value (embeddings).
+    pub encoding_format: Option<Range<usize>>,
 }
 
 /// Why a request body is unusable: malformed JSON, or a duplicated member.
@@ -89,6 +91,7 @@ pub fn scan_request(body: &[u8]) -> Result<RequestFields, RequestError> {
             Some(Known::Input) => (&mut fields.input, "input"),
             Some(Known::MaxTokens) => (&mut fields.max_tokens, "max_tokens"),
             Some(Known::MaxCompletionTokens) => (&mut fields.max_completion_tokens, "max_completion_tokens"),
+            Some(Known::EncodingFormat) => (&mut fields.encoding_format, "encoding_format"),
             None => return true,
         };
         if slot.0.is_some() {
@@ -228,6 +231,7 @@ enum Known {
     Input,
     MaxTokens,
     MaxCompletionTokens,
+    EncodingFormat,
 }
 
 fn key_name(raw: &[u8]) -> Option<Known> {
@@ -240,6 +244,7 @@ fn key_name(raw: &[u8]) -> Option<Known> {
         b"input" => Some(Known::Input),
         b"max_tokens" => Some(Known::MaxTokens),
         b"max_completion_tokens" => Some(Known::MaxCompletionTokens),
+        b"encoding_format" => Some(Known::EncodingFormat),
         _ => None,
     }
 }

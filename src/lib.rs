@@ -66,6 +66,7 @@ pub mod body;
 pub mod budget;
 pub mod client;
 pub mod config;
+pub mod embed;
 pub mod error;
 pub mod json;
 pub mod limit;

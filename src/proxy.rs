@@ -25,13 +25,14 @@ use crate::auth::{self, Caller};
 use crate::body::{Body, Recorded};
 use crate::budget::{Budget, Held};
 use crate::config::{Config, ConfigError, Group};
+use crate::embed;
 use crate::error::{Dialect, Error, Kind};
 use crate::json::{self, RequestError, Usage};
-use crate::limit::{self, Admission, Limits};
-use crate::metrics::{self, InFlight, Metrics};
+use crate::limit::{self, Limits};
+use crate::metrics::{self, Metrics};
 use crate::origin;
 use crate::provider::{mock::Mock, Api, Call, Verdict};
-use crate::record::{Outcome as Ended, Record};
+use crate::record::{Holding, Outcome as Ended, Record};
 use crate::router::{Pattern, Target};
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
@@ -50,9 +51,9 @@ const MAX_COSTED_BODY: usize = 1 << 20;
 /// The longest `x-request-id` kept from a client.
 const MAX_REQUEST_ID: usize = 128;
 
-/// An answer: the response, the usage known before its body is sent, the upstream request it
-/// keeps in flight and its hold on the connection's quota.
-type Answer = (Response<Body>, Option<Usage>, Option<InFlight>, Option<Admission>);
+/// An answer: the response, the usage known before its body is sent, and what the upstream
+/// request holds until the response is done.
+type Answer = (Response<Body>, Option<Usage>, Holding);
 
 /// The gateway: the current snapshot, and the state that outlives snapshots (the mock's), shared
 /// by all connections.
@@ -384,9 +385,8 @@ impl Proxy {
         record.attempts = run.attempts;
         record.retried = run.failed;
         record.lease = run.lease;
-        let (response, usage, in_flight, admission) = run.result?;
-        record.in_flight = in_flight;
-        record.upstream_admission = admission;
+        let (response, usage, held) = run.result?;
+        record.upstream = held;
         record.usage = usage.or(record.usage);
         if !stream {
             record.price_usage();
@@ -416,9 +416,23 @@ impl Proxy {
             return Outcome::Skip(Error::forbidden(message));
         }
         let provider = &conn.provider;
-        let prepared = match provider.prepare(conn, &call, target) {
-            Ok(p) => p,
-            Err(e) => return Outcome::Skip(e),
+        // Embeddings over the connection's limits, or in an encoding it cannot give, are split
+        // and converted (embed.rs); any other request goes as the provider prepares it.
+        let work = match call.api {
+            Api::Embeddings if provider.speaks_openai() => {
+                match embed::plan(&conn.embeddings, call.body, call.fields) {
+                    Ok(work) => work,
+                    Err(e) => return Outcome::Skip(e),
+                }
+            }
+            _ => None,
+        };
+        let prepared = match work {
+            Some(_) => None,
+            None => match provider.prepare(conn, &call, target) {
+                Ok(p) => Some(p),
+                Err(e) => return Outcome::Skip(e),
+            },
         };
         // The upstream's quota: over it, the target is skipped as if it were cooling down.
         let admission = if snap.limits.connection_limited(target.connection) {
@@ -429,11 +443,19 @@ impl Proxy {
         } else {
             None
         };
-        let plan = prepared.plan;
         let upstream = snap.metrics.upstream(target.connection);
-        let in_flight = upstream.map(|u| u.start());
+        let mut held = Holding { in_flight: upstream.map(|u| u.start()), admission, slot: None };
         let sent = Instant::now();
-        let outcome = async {
+        let outcome = async move {
+            let (Some(prepared), None) = (prepared, &work) else {
+                let work = work.expect("either prepared or work");
+                let (response, usage) = embed::run(conn, transport, &call, target, work).await?;
+                return Ok(Outcome::Success((response, Some(usage), held)));
+            };
+            if call.api == Api::Embeddings {
+                held.slot = conn.embeddings.slot(&conn.name).await?;
+            }
+            let plan = prepared.plan;
             let head = transport.send(conn, prepared.request, plan.deadline).await?;
             Ok::<_, Error>(match provider.classify(conn, head, &plan).await {
                 Verdict::Success(head) => {
@@ -445,11 +467,11 @@ impl Proxy {
                         // Read a small body whole, so its usage (and cost) is known before its head goes out.
                         (false, _) => usage = body.settle(MAX_COSTED_BODY, &conn.name).await?.or(usage),
                     }
-                    Outcome::Success((response, usage, in_flight, admission))
+                    Outcome::Success((response, usage, held))
                 }
                 Verdict::Failure { error, relay: Some(head) } => {
                     let relay = provider.respond(conn, head, &plan).await.ok();
-                    Outcome::Failure { error, relay: relay.map(|(r, u)| (r, u, in_flight, None)) }
+                    Outcome::Failure { error, relay: relay.map(|(r, u)| (r, u, held)) }
                 }
                 Verdict::Failure { error, relay: None } => Outcome::failed(error),
             })

@@ -41,6 +41,17 @@ impl Outcome {
     }
 }
 
+/// What the answering upstream request holds until its record is written.
+#[derive(Default)]
+pub struct Holding {
+    /// It counts in flight on its connection's metrics.
+    pub in_flight: Option<InFlight>,
+    /// Its hold on the connection's quota, settled with the usage.
+    pub admission: Option<crate::limit::Admission>,
+    /// Its slot among the connection's embedding requests (`max_concurrent`).
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// The request's log record; written on drop.
 pub struct Record {
     snap: Arc<Snapshot>,
@@ -70,12 +81,10 @@ pub struct Record {
     /// The answering pooled target's lease: the request counts as in flight there until this
     /// record is written.
     pub lease: Option<crate::pool::Lease>,
-    /// The answering upstream request, in flight until this record is written.
-    pub in_flight: Option<InFlight>,
+    /// What the answering upstream request holds until this record is written.
+    pub upstream: Holding,
     /// The request's hold on its group's and key's limits, settled when this record is written.
     pub admission: Option<crate::limit::Admission>,
-    /// The answering attempt's hold on its connection's quota, settled likewise.
-    pub upstream_admission: Option<crate::limit::Admission>,
     /// The caller's standing against its limits (the `x-ratelimit-*` headers).
     pub quota: Option<crate::limit::Quota>,
     /// Upstream attempts made.
@@ -132,9 +141,8 @@ impl Record {
             target: None,
             upstream_model: None,
             lease: None,
-            in_flight: None,
+            upstream: Holding::default(),
             admission: None,
-            upstream_admission: None,
             quota: None,
             attempts: 0,
             retried: Vec::new(),
@@ -166,7 +174,7 @@ impl Record {
     /// Settles the limits with what the request used: the usage and cost of a success (its
     /// reservation, when the upstream reported no usage), nothing for a failure.
     fn settle(&mut self) {
-        if self.admission.is_none() && self.upstream_admission.is_none() {
+        if self.admission.is_none() && self.upstream.admission.is_none() {
             return;
         }
         let (tokens, cost) = match (self.status, &self.usage) {
@@ -174,7 +182,7 @@ impl Record {
             (200..=299, None) => (None, None),
             _ => (Some(0), Some(0.0)),
         };
-        for a in [self.admission.take(), self.upstream_admission.take()].into_iter().flatten() {
+        for a in [self.admission.take(), self.upstream.admission.take()].into_iter().flatten() {
             a.settle(tokens, cost);
         }
     }
@@ -305,7 +313,7 @@ impl Drop for Record {
     fn drop(&mut self) {
         // The upstream request is over before it is counted: a scrape never sees it both done
         // and in flight.
-        self.in_flight = None;
+        self.upstream.in_flight = None;
         let total = self.started.elapsed();
         let overhead = self.overhead(total);
         self.metrics(total, overhead);

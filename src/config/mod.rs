@@ -56,7 +56,7 @@ pub fn open_to_anyone(server: &Server, open: bool) -> Option<String> {
     })
 }
 
-fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+pub(crate) fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
@@ -178,6 +178,8 @@ pub struct RawConnection {
     max_concurrent: Option<toml::Spanned<i64>>,
     /// Azure OpenAI: the API version (dated, or `v1`).
     pub api_version: Option<toml::Spanned<String>>,
+    /// `[connections.NAME.embeddings]`: split, convert, bound (OpenAI-compatible upstreams).
+    embeddings: Option<crate::embed::RawSettings>,
 }
 
 /// Which provider owns each provider-specific key, so a key given to another provider is an
@@ -394,6 +396,8 @@ pub struct Connection {
     pub limits: limits::Rates,
     /// Completion tokens assumed for a request without `max_tokens`.
     pub default_max_tokens: u64,
+    /// How embeddings requests are split, converted and bounded.
+    pub embeddings: crate::embed::Settings,
 }
 
 impl Connection {
@@ -866,7 +870,7 @@ fn spanned_secs(
 }
 
 /// A whole number of at least `min` from a spanned key; errors name the key and its line.
-fn count(
+pub(crate) fn count(
     key: &str,
     v: &Option<toml::Spanned<i64>>,
     default: usize,
@@ -885,7 +889,7 @@ fn count(
 }
 
 /// `, line N` for a span of the file, when the file's text is known.
-fn line_of(source: Option<&str>, span: std::ops::Range<usize>) -> String {
+pub(crate) fn line_of(source: Option<&str>, span: std::ops::Range<usize>) -> String {
     source
         .and_then(|t| t.get(..span.start))
         .map_or(String::new(), |before| format!(" (line {})", before.matches('\n').count() + 1))
@@ -953,6 +957,14 @@ fn compile_connection(
     let limits = limits::rates(&prefix, "", [&c.rpm, &c.tpm, &c.max_concurrent], source)?;
     let default_max_tokens =
         count(&key("default_max_tokens"), &c.default_max_tokens, DEFAULT_MAX_TOKENS, 1, source)? as u64;
+    if c.embeddings.is_some() && !matches!(c.api_type, ApiType::Openai | ApiType::Azure | ApiType::Mock) {
+        return err(format!(
+            "{}: splitting and converting embeddings is for OpenAI-compatible connections (openai, azure, mock), not {}",
+            key("embeddings"),
+            c.api_type.name()
+        ));
+    }
+    let embeddings = crate::embed::compile(name, c.embeddings.as_ref(), source)?;
     let mut secrets = Secrets { env, name, source, disabled: None };
     let (provider, mut headers) = Provider::compile(c.api_type, name, c, &mut secrets)?;
     for (h, v) in &c.headers {
@@ -984,6 +996,7 @@ fn compile_connection(
         forward_headers: c.forward_headers.iter().map(|h| Pattern::new(&h.to_ascii_lowercase())).collect(),
         limits,
         default_max_tokens,
+        embeddings,
     })
 }
 

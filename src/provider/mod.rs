@@ -240,6 +240,12 @@ impl Provider {
         }
     }
 
+    /// Whether the upstream speaks OpenAI's API itself (passthrough): embeddings are split and
+    /// converted for it by [`crate::embed`].
+    pub fn speaks_openai(&self) -> bool {
+        matches!(self, Provider::Openai(_) | Provider::Azure(_) | Provider::Mock)
+    }
+
     /// The upstream request for one attempt at `target`.
     pub fn prepare(&self, conn: &Connection, call: &Call<'_>, target: &Target) -> Result<Prepared, Error> {
         let deadline = Instant::now() + conn.timeouts.header;

@@ -6,6 +6,7 @@ mod sse;
 
 // The gateway over real sockets: in-process gateway, scripted upstream, raw client.
 mod connections;
+mod embeddings;
 mod harness;
 mod limits;
 mod origin;
