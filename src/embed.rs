@@ -32,6 +32,9 @@ use std::task::Poll;
 use std::time::Duration;
 use toml::Spanned;
 
+pub mod cache;
+pub use cache::Cache;
+
 /// OpenAI's limit of inputs per request (<https://platform.openai.com/docs/api-reference/embeddings/create>).
 const DEFAULT_MAX_INPUTS: usize = 2048;
 /// OpenAI's limit of tokens summed over a request's inputs.
@@ -42,6 +45,25 @@ const DEFAULT_QUEUE_TIMEOUT_MS: usize = 1000;
 /// JSON is about 200 KiB), plus a fixed allowance.
 const MAX_BYTES_PER_INPUT: usize = 256 << 10;
 const MAX_BYTES_BASE: usize = 64 << 10;
+
+/// `[embeddings_cache]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    max_mb: Option<Spanned<i64>>,
+    ttl_secs: Option<Spanned<i64>>,
+}
+
+const DEFAULT_CACHE_MB: usize = 512;
+const DEFAULT_CACHE_TTL_SECS: usize = 86_400;
+
+/// `[embeddings_cache]`: `(max_mb, ttl_secs)`, or none without the table.
+pub fn compile_cache(raw: Option<&RawCache>, source: Option<&str>) -> Result<Option<(usize, u64)>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let mb = crate::config::count("embeddings_cache.max_mb", &raw.max_mb, DEFAULT_CACHE_MB, 1, source)?;
+    let ttl = crate::config::count("embeddings_cache.ttl_secs", &raw.ttl_secs, DEFAULT_CACHE_TTL_SECS, 1, source)?;
+    Ok(Some((mb, ttl as u64)))
+}
 
 /// `[connections.NAME.embeddings]` as written.
 #[derive(Default, Deserialize)]
@@ -346,12 +368,32 @@ pub fn batches(settings: &Settings, tokens: &[u64]) -> Vec<Range<usize>> {
 pub struct Work {
     /// The client's inputs.
     pub inputs: Inputs,
-    /// The batches, as ranges of `inputs`.
+    /// The inputs sent upstream (indexes into `inputs`: all, or the cache's misses).
+    pub sent: Vec<usize>,
+    /// The batches, as ranges of `sent`.
     pub batches: Vec<Range<usize>>,
     /// What the client asked for.
     pub wanted: Encoding,
     /// What each sub-request asks for.
     pub ask: Encoding,
+    /// With the cache: each input's key and the vectors found (f32 bytes).
+    pub cached: Option<Cached>,
+    /// The upstream model, named in a list served from the cache alone.
+    pub model: String,
+}
+
+/// A request's view of the cache.
+pub struct Cached {
+    cache: Arc<Cache>,
+    keys: Vec<cache::Key>,
+    hits: Vec<Option<Arc<[u8]>>>,
+}
+
+impl Work {
+    /// `(hits, misses)` when the cache was asked.
+    pub fn cache_counts(&self) -> Option<(usize, usize)> {
+        self.cached.as_ref().map(|_| (self.inputs.items.len() - self.sent.len(), self.sent.len()))
+    }
 }
 
 /// The client's `encoding_format`: float by default; anything else is a 400.
@@ -365,27 +407,57 @@ fn wanted(body: &[u8], fields: &RequestFields) -> Result<Encoding, Error> {
     }
 }
 
-/// Decides whether a request needs the gateway's work for a connection with `settings`.
-pub fn plan(settings: &Settings, body: &[u8], fields: &RequestFields) -> Result<Option<Work>, Error> {
+/// Decides whether a request needs the gateway's work for a connection with `settings`: with
+/// `cache` (the cache, the connection's name and the upstream model), always; else when it is
+/// over a limit or asks for an encoding the upstream does not give.
+pub fn plan(
+    settings: &Settings,
+    body: &[u8],
+    fields: &RequestFields,
+    cache: Option<(&Arc<Cache>, &str, &str)>,
+) -> Result<Option<Work>, Error> {
     let wanted = wanted(body, fields)?;
     let ask = settings.ask_for(wanted);
     let Some(input) = &fields.input else { return Ok(None) };
-    if ask == wanted && !may_split(settings, input.len()) {
+    if cache.is_none() && ask == wanted && !may_split(settings, input.len()) {
         return Ok(None);
     }
     let inputs = inputs(body, input)?;
-    let batches = batches(settings, &inputs.tokens);
-    if ask == wanted && batches.len() == 1 {
+    let (sent, cached): (Vec<usize>, Option<Cached>) = match cache {
+        None => ((0..inputs.items.len()).collect(), None),
+        Some((cache, connection, model)) => {
+            // Every member but those that cannot change a vector (the model is the upstream's).
+            let mut base = cache.base(connection, model);
+            let _ = json::members(body, |k, v| {
+                let name = json::unescaped_key::<24>(k);
+                if !matches!(
+                    name.as_ref().map(|n| n.as_slice()),
+                    Some(b"input" | b"encoding_format" | b"user" | b"model")
+                ) {
+                    base.member(k, &body[v]);
+                }
+                true
+            });
+            let keys: Vec<cache::Key> = inputs.items.iter().map(|r| base.key(&body[r.clone()])).collect();
+            let hits: Vec<Option<Arc<[u8]>>> = keys.iter().map(|k| cache.get(*k)).collect();
+            let sent = (0..keys.len()).filter(|&i| hits[i].is_none()).collect();
+            (sent, Some(Cached { cache: cache.clone(), keys, hits }))
+        }
+    };
+    let tokens: Vec<u64> = sent.iter().map(|&i: &usize| inputs.tokens[i]).collect();
+    let batches = if tokens.is_empty() { Vec::new() } else { batches(settings, &tokens) };
+    if cached.is_none() && ask == wanted && batches.len() == 1 {
         return Ok(None);
     }
-    Ok(Some(Work { inputs, batches, wanted, ask }))
+    let model = cache.map_or_else(String::new, |(_, _, m)| m.to_owned());
+    Ok(Some(Work { inputs, sent, batches, wanted, ask, cached, model }))
 }
 
 /// One sub-request's body: the client's members in their order, but `input` holding only the
 /// batch's inputs and `encoding_format` what the gateway asks for.
 pub fn sub_body(body: &[u8], work: &Work, batch: &Range<usize>) -> Vec<u8> {
-    let items = &work.inputs.items[batch.clone()];
-    let size = items.iter().map(Range::len).sum::<usize>() + items.len() + 256;
+    let items: Vec<&Range<usize>> = work.sent[batch.clone()].iter().map(|&i| &work.inputs.items[i]).collect();
+    let size = items.iter().map(|r| r.len()).sum::<usize>() + items.len() + 256;
     let mut out = Vec::with_capacity(size);
     out.push(b'{');
     let _ = json::members(body, |k, v| {
@@ -410,7 +482,7 @@ pub fn sub_body(body: &[u8], work: &Work, batch: &Range<usize>) -> Vec<u8> {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(&body[r.clone()]);
+        out.extend_from_slice(&body[(*r).clone()]);
     }
     if !whole {
         out.push(b']');
@@ -483,50 +555,52 @@ pub fn part(body: bytes::Bytes, n: usize, connection: &str) -> Result<Part, Erro
     Ok(Part { body, vectors, model, prompt, total })
 }
 
-/// Writes one vector in `to`, from its JSON (`raw`, either encoding).
-pub fn convert(raw: &[u8], to: Encoding, out: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<(), &'static str> {
-    let from = if raw.first() == Some(&b'"') { Encoding::Base64 } else { Encoding::Float };
-    if from == to {
-        out.extend_from_slice(raw);
+/// Reads one vector's JSON (`raw`, either encoding) into little-endian f32 bytes.
+pub fn decode(raw: &[u8], bytes: &mut Vec<u8>) -> Result<(), &'static str> {
+    bytes.clear();
+    if raw.first() == Some(&b'"') {
+        let inner = raw.get(1..raw.len().saturating_sub(1)).ok_or("a vector that is not a string")?;
+        base64::engine::general_purpose::STANDARD
+            .decode_vec(inner, bytes)
+            .map_err(|_| "a vector that is not base64")?;
+        if !bytes.len().is_multiple_of(4) {
+            return Err("a base64 vector whose length is not a multiple of 4 bytes");
+        }
         return Ok(());
     }
-    scratch.clear();
-    match from {
-        Encoding::Float => {
-            let mut bad = false;
-            json::elements(raw, |r| {
-                let f = std::str::from_utf8(&raw[r]).ok().and_then(|t| t.parse::<f32>().ok());
-                match f {
-                    Some(f) => scratch.extend_from_slice(&f.to_le_bytes()),
-                    None => bad = true,
-                }
-                !bad
-            })
-            .map_err(|_| "a vector that is not an array")?;
-            if bad {
-                return Err("a vector element that is not a number");
-            }
+    let mut bad = false;
+    json::elements(raw, |r| {
+        match std::str::from_utf8(&raw[r]).ok().and_then(|t| t.parse::<f32>().ok()) {
+            Some(f) => bytes.extend_from_slice(&f.to_le_bytes()),
+            None => bad = true,
+        }
+        !bad
+    })
+    .map_err(|_| "a vector that is not an array")?;
+    if bad {
+        return Err("a vector element that is not a number");
+    }
+    Ok(())
+}
+
+/// Writes little-endian f32 `bytes` as a vector in `to`: base64, or numbers in their shortest
+/// form that reads back to the same f32.
+pub fn encode(bytes: &[u8], to: Encoding, out: &mut Vec<u8>) -> Result<(), &'static str> {
+    match to {
+        Encoding::Base64 => {
             out.push(b'"');
             let start = out.len();
-            let len = base64::encoded_len(scratch.len(), true).unwrap_or(0);
-            out.resize(start + len, 0);
+            out.resize(start + base64::encoded_len(bytes.len(), true).unwrap_or(0), 0);
             let written = base64::engine::general_purpose::STANDARD
-                .encode_slice(&scratch[..], &mut out[start..])
+                .encode_slice(bytes, &mut out[start..])
                 .map_err(|_| "a vector too large to encode")?;
             out.truncate(start + written);
             out.push(b'"');
         }
-        Encoding::Base64 => {
-            let inner = raw.get(1..raw.len().saturating_sub(1)).ok_or("a vector that is not a string")?;
-            base64::engine::general_purpose::STANDARD
-                .decode_vec(inner, scratch)
-                .map_err(|_| "a vector that is not base64")?;
-            if !scratch.len().is_multiple_of(4) {
-                return Err("a base64 vector whose length is not a multiple of 4 bytes");
-            }
+        Encoding::Float => {
             out.push(b'[');
             let mut number = ryu::Buffer::new();
-            for (j, b) in scratch.chunks_exact(4).enumerate() {
+            for (j, b) in bytes.chunks_exact(4).enumerate() {
                 if j > 0 {
                     out.push(b',');
                 }
@@ -542,35 +616,62 @@ pub fn convert(raw: &[u8], to: Encoding, out: &mut Vec<u8>, scratch: &mut Vec<u8
     Ok(())
 }
 
-/// The merged list: every part's vectors in the client's order, in `to`, usage summed.
-pub fn merge(parts: &[Part], to: Encoding, connection: &str) -> Result<(Vec<u8>, json::Usage), Error> {
+/// Writes one vector in `to`, from its JSON (`raw`, either encoding): copied when it is in `to`
+/// already, else converted exactly.
+pub fn convert(raw: &[u8], to: Encoding, out: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<(), &'static str> {
+    let from = if raw.first() == Some(&b'"') { Encoding::Base64 } else { Encoding::Float };
+    if from == to {
+        out.extend_from_slice(raw);
+        return Ok(());
+    }
+    decode(raw, scratch)?;
+    encode(scratch, to, out)
+}
+
+/// The merged list: every input's vector in the client's order (from the cache or from the
+/// parts, in order), in `to`, usage summed over the parts (the tokens actually sent). Vectors
+/// the parts brought are stored in the cache.
+pub fn merge(parts: &[Part], work: &Work, connection: &str) -> Result<(Vec<u8>, json::Usage), Error> {
+    let malformed = |why: &str| {
+        Error::upstream_failure(
+            Kind::UpstreamMalformed,
+            format!("Connection `{connection}` answered an embeddings request with {why}."),
+        )
+    };
+    let to = work.wanted;
     let size: usize = parts.iter().map(|p| p.body.len()).sum();
     let mut out = Vec::with_capacity(if to == Encoding::Float { size + size / 2 } else { size } + 256);
     let mut scratch = Vec::new();
     out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
-    let mut index = 0u64;
-    for p in parts {
-        for v in &p.vectors {
-            if index > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
-            out.extend_from_slice(crate::provider::chunk::itoa(index).as_bytes());
-            out.extend_from_slice(b",\"embedding\":");
-            convert(&p.body[v.clone()], to, &mut out, &mut scratch).map_err(|why| {
-                Error::upstream_failure(
-                    Kind::UpstreamMalformed,
-                    format!("Connection `{connection}` answered an embeddings request with {why}."),
-                )
-            })?;
-            out.push(b'}');
-            index += 1;
+    let mut fresh = parts.iter().flat_map(|p| p.vectors.iter().map(move |v| &p.body[v.clone()]));
+    for i in 0..work.inputs.items.len() {
+        if i > 0 {
+            out.push(b',');
         }
+        out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
+        out.extend_from_slice(crate::provider::chunk::itoa(i as u64).as_bytes());
+        out.extend_from_slice(b",\"embedding\":");
+        let hit = work.cached.as_ref().and_then(|c| c.hits[i].clone());
+        match (hit, &work.cached) {
+            (Some(bytes), _) => encode(&bytes, to, &mut out).map_err(malformed)?,
+            (None, cached) => {
+                let raw = fresh.next().ok_or_else(|| malformed("fewer vectors than inputs"))?;
+                match cached {
+                    None => convert(raw, to, &mut out, &mut scratch).map_err(malformed)?,
+                    Some(c) => {
+                        decode(raw, &mut scratch).map_err(malformed)?;
+                        encode(&scratch, to, &mut out).map_err(malformed)?;
+                        c.cache.put(c.keys[i], Arc::from(&scratch[..]));
+                    }
+                }
+            }
+        }
+        out.push(b'}');
     }
     out.extend_from_slice(b"],\"model\":");
     match parts.first().and_then(|p| p.model.clone().map(|m| &p.body[m])) {
         Some(m) if m.first() == Some(&b'"') => out.extend_from_slice(m),
-        _ => out.extend_from_slice(b"\"\""),
+        _ => json::write_str(&mut out, &work.model),
     }
     let prompt: u64 = parts.iter().map(|p| p.prompt).fold(0, u64::saturating_add);
     let total: u64 = parts.iter().map(|p| p.total).fold(0, u64::saturating_add);
@@ -623,8 +724,13 @@ pub async fn run(
     })
     .await?;
     let parts: Vec<Part> = parts.into_iter().flatten().collect();
-    let (out, usage) = merge(&parts, work.wanted, &conn.name)?;
-    Ok((crate::provider::json_response(out), usage))
+    let (out, usage) = merge(&parts, &work, &conn.name)?;
+    let mut response = crate::provider::json_response(out);
+    if let Some((hits, misses)) = work.cache_counts() {
+        let v = format!("hits={hits} misses={misses}");
+        response.headers_mut().insert("x-lmgate-cache", http::HeaderValue::try_from(v).expect("ascii"));
+    }
+    Ok((response, usage))
 }
 
 type Sending<'a> = Pin<Box<dyn Future<Output = Result<Part, Error>> + Send + 'a>>;

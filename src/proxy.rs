@@ -420,7 +420,12 @@ impl Proxy {
         // and converted (embed.rs); any other request goes as the provider prepares it.
         let work = match call.api {
             Api::Embeddings if provider.speaks_openai() => {
-                match embed::plan(&conn.embeddings, call.body, call.fields) {
+                // `cache-control: no-cache` bypasses the cache: nothing read from it, nothing stored.
+                let fresh =
+                    call.headers.get(header::CACHE_CONTROL).is_some_and(|v| v.as_bytes().starts_with(b"no-cache"));
+                let cache = snap.embeddings_cache.as_ref().filter(|_| !fresh);
+                let cache = cache.map(|c| (c, conn.name.as_str(), target.upstream_model(call.model)));
+                match embed::plan(&conn.embeddings, call.body, call.fields, cache) {
                     Ok(work) => work,
                     Err(e) => return Outcome::Skip(e),
                 }

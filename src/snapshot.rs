@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub log: Option<Arc<RequestLog>>,
     /// The limited scopes bound to their counters ([`crate::limit::Limits::bind`]).
     pub limits: crate::limit::Bound,
+    /// The embeddings cache (kept across reloads that keep its settings).
+    pub embeddings_cache: Option<Arc<crate::embed::Cache>>,
 }
 
 impl Snapshot {
@@ -71,7 +73,20 @@ impl Snapshot {
             },
         };
         let handles = Handles::new(metrics.clone(), &config);
-        Ok(Snapshot { config: Arc::new(config), transports, metrics: handles, log, limits: Default::default() })
+        let embeddings_cache = config.embeddings_cache.map(|(mb, ttl)| {
+            match previous.and_then(|p| p.embeddings_cache.as_ref()).filter(|c| c.settings == (mb, ttl)) {
+                Some(kept) => kept.clone(),
+                None => Arc::new(crate::embed::Cache::new(mb, ttl)),
+            }
+        });
+        Ok(Snapshot {
+            config: Arc::new(config),
+            transports,
+            metrics: handles,
+            log,
+            limits: Default::default(),
+            embeddings_cache,
+        })
     }
 
     /// The connection with id `id` and its transport.

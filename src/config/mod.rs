@@ -90,6 +90,7 @@ pub struct RawConfig {
     groups: IndexMap<String, RawGroup>,
     #[serde(default)]
     limits: limits::RawLimits,
+    embeddings_cache: Option<crate::embed::RawCache>,
     #[serde(default)]
     metrics: observe::RawMetrics,
     #[serde(default)]
@@ -310,6 +311,8 @@ pub struct Config {
     pub prices: observe::Prices,
     /// `[limits]`.
     pub limits: limits::Limits,
+    /// `[embeddings_cache]`: `(max_mb, ttl_secs)`.
+    pub embeddings_cache: Option<(usize, u64)>,
 }
 
 /// `[server]`.
@@ -561,7 +564,21 @@ impl Config {
         let log = observe::compile_log(&raw.log, source)?;
         let prices = observe::compile_prices(&raw.prices, &connections, source)?;
         let limits = limits::compile(&raw.limits, env, source)?;
-        Ok(Config { server, connections, router, groups, keys, open_group, warnings, metrics, log, prices, limits })
+        let embeddings_cache = crate::embed::compile_cache(raw.embeddings_cache.as_ref(), source)?;
+        Ok(Config {
+            server,
+            connections,
+            router,
+            groups,
+            keys,
+            open_group,
+            warnings,
+            metrics,
+            log,
+            prices,
+            limits,
+            embeddings_cache,
+        })
     }
 
     /// A summary for `lmgate check`: never secret values.
@@ -661,6 +678,9 @@ impl Config {
         }
         let _ = writeln!(s, "prices: {}", self.prices.len());
         let _ = writeln!(s, "limits: {}", self.limits.describe());
+        if let Some((mb, ttl)) = self.embeddings_cache {
+            let _ = writeln!(s, "embeddings cache: {mb} MiB, entries live {ttl} s");
+        }
         for c in self.connections.iter().filter(|c| c.limits.any()) {
             let _ = writeln!(s, "  connection {}: {}", c.name, c.limits.describe());
         }

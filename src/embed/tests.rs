@@ -60,18 +60,19 @@ fn batches_hold_every_input_once_in_order_within_both_limits() {
 #[test]
 fn a_request_that_fits_and_wants_what_the_upstream_gives_is_left_alone() {
     let body = r#"{"model":"m","input":["a","b","c"]}"#;
-    assert!(plan(&settings(3, 100), body.as_bytes(), &scan(body)).unwrap().is_none());
-    let w = plan(&settings(2, 100), body.as_bytes(), &scan(body)).unwrap().unwrap();
+    assert!(plan(&settings(3, 100), body.as_bytes(), &scan(body), None).unwrap().is_none());
+    let w = plan(&settings(2, 100), body.as_bytes(), &scan(body), None).unwrap().unwrap();
     assert_eq!(w.batches, [0..2, 2..3]);
     // An upstream that only gives floats: a base64 client is converted, not split.
     let b64 = r#"{"model":"m","input":["a"],"encoding_format":"base64"}"#;
     let floats = Settings { base64: false, ..settings(3, 100) };
-    let w = plan(&floats, b64.as_bytes(), &scan(b64)).unwrap().unwrap();
+    let w = plan(&floats, b64.as_bytes(), &scan(b64), None).unwrap().unwrap();
     assert_eq!((w.wanted, w.ask, w.batches.len()), (Encoding::Base64, Encoding::Float, 1));
     let e = plan(
         &floats,
         br#"{"input":["a"],"encoding_format":"hex"}"#,
         &scan(r#"{"input":["a"],"encoding_format":"hex"}"#),
+        None,
     );
     assert_eq!(e.err().unwrap().param, Some("encoding_format"));
 }
@@ -80,11 +81,11 @@ fn a_request_that_fits_and_wants_what_the_upstream_gives_is_left_alone() {
 fn a_sub_request_keeps_the_client_s_members_with_its_share_of_the_input() {
     let body = r#"{"model":"m","input":["a","b","c"],"dimensions":8,"user":"u","encoding_format":"float"}"#;
     let s = Settings { upstream: Some(Encoding::Base64), ..settings(2, 100) };
-    let w = plan(&s, body.as_bytes(), &scan(body)).unwrap().unwrap();
+    let w = plan(&s, body.as_bytes(), &scan(body), None).unwrap().unwrap();
     let first = String::from_utf8(sub_body(body.as_bytes(), &w, &w.batches[0])).unwrap();
     assert_eq!(first, r#"{"model":"m","dimensions":8,"user":"u","input":["a","b"],"encoding_format":"base64"}"#);
     let ids = r#"{"model":"m","input":[1,2,3]}"#;
-    let w = plan(&s, ids.as_bytes(), &scan(ids)).unwrap().unwrap();
+    let w = plan(&s, ids.as_bytes(), &scan(ids), None).unwrap().unwrap();
     let one = String::from_utf8(sub_body(ids.as_bytes(), &w, &w.batches[0])).unwrap();
     assert_eq!(one, r#"{"model":"m","input":[1,2,3],"encoding_format":"base64"}"#);
 }
@@ -161,7 +162,17 @@ fn parts_merge_in_the_client_s_order_whatever_order_they_list_their_items_in() {
     let one = part(answer(&[(1, "[2.5]"), (0, "[1.5]")], 3), 2, "c").unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(4.0f32.to_le_bytes());
     let two = part(answer(&[(0, &format!("\"{b64}\""))], 4), 1, "c").unwrap();
-    let (out, usage) = merge(&[one, two], Encoding::Float, "c").unwrap();
+    let inputs = Inputs { items: vec![0..1, 1..2, 2..3], tokens: vec![1; 3] };
+    let work = Work {
+        inputs,
+        sent: vec![0, 1, 2],
+        batches: vec![0..2, 2..3],
+        wanted: Encoding::Float,
+        ask: Encoding::Float,
+        cached: None,
+        model: String::new(),
+    };
+    let (out, usage) = merge(&[one, two], &work, "c").unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let got: Vec<(u64, f64)> = v["data"]
         .as_array()
@@ -193,4 +204,43 @@ fn settings_are_checked_with_the_key_and_line() {
     let a =
         e("[connections.a]\napi_type = \"anthropic\"\napi_key = \"k\"\n[connections.a.embeddings]\nmax_inputs = 2\n");
     assert!(a.contains("not anthropic"), "{a}");
+}
+
+#[test]
+fn cached_vectors_fill_their_indexes_and_only_misses_go_upstream() {
+    let cache = Arc::new(Cache::new(16, 3600));
+    let body = r#"{"model":"m","input":["a","b","c"],"dimensions":2}"#;
+    let s = settings(2048, 1_000_000);
+    let first = plan(&s, body.as_bytes(), &scan(body), Some((&cache, "conn", "up-m"))).unwrap().unwrap();
+    assert_eq!((first.sent.clone(), first.cache_counts()), (vec![0, 1, 2], Some((0, 3))));
+    let part1 = part(answer(&[(0, "[1.0]"), (1, "[2.0]"), (2, "[3.0]")], 3), 3, "c").unwrap();
+    merge(&[part1], &first, "c").unwrap();
+    // "b" and "c" are now cached; "d" is new; "dimensions" is part of the key.
+    let body2 = r#"{"model":"m","input":["d","c","b"],"dimensions":2,"encoding_format":"base64"}"#;
+    let second = plan(&s, body2.as_bytes(), &scan(body2), Some((&cache, "conn", "up-m"))).unwrap().unwrap();
+    assert_eq!((second.sent.clone(), second.cache_counts()), (vec![0], Some((2, 1))));
+    assert_eq!(
+        String::from_utf8(sub_body(body2.as_bytes(), &second, &second.batches[0])).unwrap(),
+        r#"{"model":"m","dimensions":2,"input":["d"],"encoding_format":"base64"}"#
+    );
+    let part2 = part(answer(&[(0, "[4.0]")], 1), 1, "c").unwrap();
+    let (out, usage) = merge(&[part2], &second, "c").unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let got: Vec<f32> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let b = base64::engine::general_purpose::STANDARD.decode(d["embedding"].as_str().unwrap()).unwrap();
+            f32::from_le_bytes(b[..4].try_into().unwrap())
+        })
+        .collect();
+    assert_eq!(got, [4.0, 3.0, 2.0]);
+    assert_eq!(usage.prompt, 1, "usage counts what went upstream");
+    let other = r#"{"model":"m","input":["b"],"dimensions":3}"#;
+    let third = plan(&s, other.as_bytes(), &scan(other), Some((&cache, "conn", "up-m"))).unwrap().unwrap();
+    assert_eq!(third.cache_counts(), Some((0, 1)), "other dimensions, other vectors");
+    let all = r#"{"model":"m","input":["a","b"],"dimensions":2,"user":"someone else"}"#;
+    let fourth = plan(&s, all.as_bytes(), &scan(all), Some((&cache, "conn", "up-m"))).unwrap().unwrap();
+    assert!(fourth.batches.is_empty() && fourth.cache_counts() == Some((2, 0)), "all hits: nothing goes upstream");
 }

@@ -186,3 +186,44 @@ async fn embedding_requests_wait_for_a_slot_then_get_429_and_chat_is_not_held() 
     gate.open();
     assert_eq!(within("the held request", first).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn with_the_cache_hits_and_misses_come_back_in_place_and_only_misses_go_upstream() {
+    let mut rng = fastrand::Rng::with_seed(5);
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let up = upstream(3, None, batches.clone()).await;
+    let gw = Gateway::start(&format!(
+        "[connections.e]\napi_type = \"openai\"\napi_base = \"http://{}/v1\"\napi_key = \"k\"\n\
+         [connections.e.embeddings]\nmax_inputs = 3\n[routing]\n\"*\" = \"e.*\"\n[embeddings_cache]\nmax_mb = 4\n",
+        up.addr
+    ));
+    let words: Vec<String> = (0..12).map(|i| format!("word-{i}")).collect();
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..30 {
+        let inputs: Vec<Value> = (0..rng.usize(1..9)).map(|_| json!(words[rng.usize(..words.len())])).collect();
+        let base64 = rng.bool();
+        let mut req = json!({"model": "emb", "input": inputs});
+        if base64 {
+            req["encoding_format"] = json!("base64");
+        }
+        batches.lock().unwrap().clear();
+        let r = exchange(gw.addr, &post("/v1/embeddings", &[], &req.to_string())).await;
+        assert_eq!(r.status(), 200, "{}", r.text());
+        let answer = r.json();
+        let want: Vec<Vec<u32>> = inputs.iter().map(|x| vector(x).iter().map(|f| f.to_bits()).collect()).collect();
+        assert_eq!(bits(&answer), want, "round {round}");
+        // Misses: inputs never answered before (a repeat within the request is sent each time).
+        let misses = inputs.iter().filter(|x| !seen.contains(&x.to_string())).count();
+        let header = r.head.get("x-lmgate-cache").unwrap().to_owned();
+        assert_eq!(header, format!("hits={} misses={misses}", inputs.len() - misses), "round {round}");
+        assert_eq!(batches.lock().unwrap().iter().sum::<usize>(), misses);
+        assert_eq!(answer["usage"]["prompt_tokens"], misses * 2, "usage is what went upstream");
+        seen.extend(inputs.iter().map(Value::to_string));
+    }
+    // `cache-control: no-cache`: everything goes upstream.
+    batches.lock().unwrap().clear();
+    let req = json!({"model": "emb", "input": ["word-1", "word-2"]}).to_string();
+    let r = exchange(gw.addr, &post("/v1/embeddings", &[("cache-control", "no-cache")], &req)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(*batches.lock().unwrap(), [2]);
+}
