@@ -32,7 +32,9 @@ use std::task::Poll;
 use std::time::Duration;
 use toml::Spanned;
 
+pub mod batch;
 pub mod cache;
+pub use batch::Batcher;
 pub use cache::Cache;
 
 /// OpenAI's limit of inputs per request (<https://platform.openai.com/docs/api-reference/embeddings/create>).
@@ -41,6 +43,7 @@ const DEFAULT_MAX_INPUTS: usize = 2048;
 const DEFAULT_MAX_TOKENS: usize = 300_000;
 const DEFAULT_PARALLEL: usize = 4;
 const DEFAULT_QUEUE_TIMEOUT_MS: usize = 1000;
+const DEFAULT_BATCH_MAX_INPUTS: usize = 256;
 /// The most an upstream may send per input of a sub-request (a 12k-dimension float vector as
 /// JSON is about 200 KiB), plus a fixed allowance.
 const MAX_BYTES_PER_INPUT: usize = 256 << 10;
@@ -76,6 +79,8 @@ pub struct RawSettings {
     upstream_encoding: Option<Spanned<String>>,
     max_concurrent: Option<Spanned<i64>>,
     queue_timeout_ms: Option<Spanned<i64>>,
+    batch_window_us: Option<Spanned<i64>>,
+    batch_max_inputs: Option<Spanned<i64>>,
 }
 
 /// A vector encoding.
@@ -113,6 +118,8 @@ pub struct Settings {
     pub upstream: Option<Encoding>,
     /// Embedding requests in flight to this connection, and how long one waits for a slot.
     pub slots: Option<(Arc<tokio::sync::Semaphore>, usize, Duration)>,
+    /// Micro-batching, when `batch_window_us` > 0.
+    pub batcher: Option<Arc<Batcher>>,
 }
 
 impl Default for Settings {
@@ -125,6 +132,7 @@ impl Default for Settings {
             base64: true,
             upstream: None,
             slots: None,
+            batcher: None,
         }
     }
 }
@@ -132,9 +140,11 @@ impl Default for Settings {
 impl PartialEq for Settings {
     fn eq(&self, o: &Self) -> bool {
         let slots = |s: &Self| s.slots.as_ref().map(|(_, n, t)| (*n, *t));
+        let batcher = |s: &Self| s.batcher.as_ref().map(|b| format!("{b:?}"));
         (self.max_inputs, self.max_tokens, self.parallel, self.float, self.base64, self.upstream)
             == (o.max_inputs, o.max_tokens, o.parallel, o.float, o.base64, o.upstream)
             && slots(self) == slots(o)
+            && batcher(self) == batcher(o)
     }
 }
 
@@ -193,7 +203,14 @@ pub fn compile(name: &str, raw: Option<&RawSettings>, source: Option<&str>) -> R
             Some((Arc::new(tokio::sync::Semaphore::new(n)), n, Duration::from_millis(wait as u64)))
         }
     };
+    let window = crate::config::count(&key("batch_window_us"), &raw.batch_window_us, 0, 0, source)?;
+    let batch_max = count("batch_max_inputs", &raw.batch_max_inputs, DEFAULT_BATCH_MAX_INPUTS)?;
+    if window == 0 && raw.batch_max_inputs.is_some() {
+        return err(format!("{}: only used with `batch_window_us` > 0", key("batch_max_inputs")));
+    }
+    let batcher = (window > 0).then(|| Arc::new(Batcher::new(Duration::from_micros(window as u64), batch_max)));
     Ok(Settings {
+        batcher,
         max_inputs: count("max_inputs", &raw.max_inputs, DEFAULT_MAX_INPUTS)?,
         max_tokens: count("max_tokens", &raw.max_tokens, DEFAULT_MAX_TOKENS)? as u64,
         parallel: count("parallel", &raw.parallel, DEFAULT_PARALLEL)?,
@@ -380,6 +397,8 @@ pub struct Work {
     pub cached: Option<Cached>,
     /// The upstream model, named in a list served from the cache alone.
     pub model: String,
+    /// Sent in a micro-batch with other requests of the same shape.
+    pub coalesce: bool,
 }
 
 /// A request's view of the cache.
@@ -419,7 +438,7 @@ pub fn plan(
     let wanted = wanted(body, fields)?;
     let ask = settings.ask_for(wanted);
     let Some(input) = &fields.input else { return Ok(None) };
-    if cache.is_none() && ask == wanted && !may_split(settings, input.len()) {
+    if cache.is_none() && settings.batcher.is_none() && ask == wanted && !may_split(settings, input.len()) {
         return Ok(None);
     }
     let inputs = inputs(body, input)?;
@@ -446,25 +465,37 @@ pub fn plan(
     };
     let tokens: Vec<u64> = sent.iter().map(|&i: &usize| inputs.tokens[i]).collect();
     let batches = if tokens.is_empty() { Vec::new() } else { batches(settings, &tokens) };
-    if cached.is_none() && ask == wanted && batches.len() == 1 {
+    // Only requests that go upstream as one, within a batch's size, are batched.
+    let coalesce = batches.len() == 1 && settings.batcher.as_ref().is_some_and(|b| sent.len() <= b.max_inputs());
+    if cached.is_none() && !coalesce && ask == wanted && batches.len() == 1 {
         return Ok(None);
     }
     let model = cache.map_or_else(String::new, |(_, _, m)| m.to_owned());
-    Ok(Some(Work { inputs, sent, batches, wanted, ask, cached, model }))
+    Ok(Some(Work { inputs, sent, batches, wanted, ask, cached, model, coalesce }))
 }
 
 /// One sub-request's body: the client's members in their order, but `input` holding only the
 /// batch's inputs and `encoding_format` what the gateway asks for.
 pub fn sub_body(body: &[u8], work: &Work, batch: &Range<usize>) -> Vec<u8> {
-    let items: Vec<&Range<usize>> = work.sent[batch.clone()].iter().map(|&i| &work.inputs.items[i]).collect();
+    let items: Vec<&[u8]> = work.sent[batch.clone()].iter().map(|&i| &body[work.inputs.items[i].clone()]).collect();
+    // A single token-id array is the whole `input` value: sent as it is.
+    let whole = work.inputs.items.len() == 1 && is_ids(items[0]);
+    body_with(body, &items, whole, work.ask, false)
+}
+
+/// `body`'s members but `input` and `encoding_format` (and `user`, for a batch of several
+/// clients' inputs), then `input` (`items` as an array, or the one item as the whole value) and
+/// `encoding_format` = `ask`.
+fn body_with(body: &[u8], items: &[&[u8]], whole: bool, ask: Encoding, drop_user: bool) -> Vec<u8> {
     let size = items.iter().map(|r| r.len()).sum::<usize>() + items.len() + 256;
     let mut out = Vec::with_capacity(size);
     out.push(b'{');
     let _ = json::members(body, |k, v| {
         let name = json::unescaped_key::<24>(k);
-        let name = name.as_ref().map(|n| n.as_slice());
-        if matches!(name, Some(b"input" | b"encoding_format")) {
-            return true;
+        match name.as_ref().map(|n| n.as_slice()) {
+            Some(b"input" | b"encoding_format") => return true,
+            Some(b"user") if drop_user => return true,
+            _ => {}
         }
         out.extend_from_slice(k);
         out.push(b':');
@@ -472,25 +503,43 @@ pub fn sub_body(body: &[u8], work: &Work, batch: &Range<usize>) -> Vec<u8> {
         out.push(b',');
         true
     });
-    out.extend_from_slice(b"\"input\":[");
-    // A single token-id array is the whole `input` value: sent as it is.
-    let whole = work.inputs.items.len() == 1 && body[items[0].start] == b'[' && is_ids(&body[items[0].clone()]);
-    if whole {
-        out.pop();
+    out.extend_from_slice(b"\"input\":");
+    if !whole {
+        out.push(b'[');
     }
-    for (i, r) in items.iter().enumerate() {
+    for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(&body[(*r).clone()]);
+        out.extend_from_slice(item);
     }
     if !whole {
         out.push(b']');
     }
     out.extend_from_slice(b",\"encoding_format\":\"");
-    out.extend_from_slice(work.ask.name().as_bytes());
+    out.extend_from_slice(ask.name().as_bytes());
     out.extend_from_slice(b"\"}");
     out
+}
+
+/// The shape of a request for micro-batching: requests of one shape can share an upstream request.
+fn shape(connection: &str, model: &str, body: &[u8], ask: Encoding) -> Vec<u8> {
+    let mut key = Vec::with_capacity(128);
+    for part in [connection.as_bytes(), model.as_bytes(), ask.name().as_bytes()] {
+        key.extend_from_slice(&part.len().to_le_bytes());
+        key.extend_from_slice(part);
+    }
+    let _ = json::members(body, |k, v| {
+        let name = json::unescaped_key::<24>(k);
+        if !matches!(name.as_ref().map(|n| n.as_slice()), Some(b"input" | b"encoding_format" | b"user" | b"model")) {
+            for part in [k, &body[v]] {
+                key.extend_from_slice(&part.len().to_le_bytes());
+                key.extend_from_slice(part);
+            }
+        }
+        true
+    });
+    key
 }
 
 fn is_ids(v: &[u8]) -> bool {
@@ -693,6 +742,39 @@ pub async fn run(
     target: &Target,
     work: Work,
 ) -> Result<(Response<Body>, json::Usage), Error> {
+    let parts = match (&conn.embeddings.batcher, work.coalesce) {
+        (Some(batcher), true) => {
+            let key = shape(&conn.name, target.upstream_model(call.model), call.body, work.ask);
+            let inputs = work.sent.iter().map(|&i| call.body.slice(work.inputs.items[i].clone())).collect();
+            let tokens = work.sent.iter().map(|&i| work.inputs.tokens[i]).sum();
+            let part = batcher
+                .join(key, inputs, tokens, |all| {
+                    let items: Vec<&[u8]> = all.iter().map(|b| &b[..]).collect();
+                    let body = body_with(call.body, &items, false, work.ask, true);
+                    send(conn, transport, call, target, body, all.len())
+                })
+                .await?;
+            vec![part]
+        }
+        _ => in_parallel(conn, transport, call, target, &work).await?,
+    };
+    let (out, usage) = merge(&parts, &work, &conn.name)?;
+    let mut response = crate::provider::json_response(out);
+    if let Some((hits, misses)) = work.cache_counts() {
+        let v = format!("hits={hits} misses={misses}");
+        response.headers_mut().insert("x-lmgate-cache", http::HeaderValue::try_from(v).expect("ascii"));
+    }
+    Ok((response, usage))
+}
+
+/// `work`'s batches as sub-requests, at most `parallel` in flight; their parts in order.
+async fn in_parallel(
+    conn: &Connection,
+    transport: &Transport,
+    call: &Call<'_>,
+    target: &Target,
+    work: &Work,
+) -> Result<Vec<Part>, Error> {
     let n = work.batches.len();
     let mut parts: Vec<Option<Part>> = (0..n).map(|_| None).collect();
     let mut next = 0;
@@ -700,7 +782,7 @@ pub async fn run(
     std::future::poll_fn(|cx| loop {
         while running.len() < conn.embeddings.parallel && next < n {
             let batch = &work.batches[next];
-            let body = sub_body(call.body, &work, batch);
+            let body = sub_body(call.body, work, batch);
             running.push((next, Box::pin(send(conn, transport, call, target, body, batch.len()))));
             next += 1;
         }
@@ -723,14 +805,7 @@ pub async fn run(
         }
     })
     .await?;
-    let parts: Vec<Part> = parts.into_iter().flatten().collect();
-    let (out, usage) = merge(&parts, &work, &conn.name)?;
-    let mut response = crate::provider::json_response(out);
-    if let Some((hits, misses)) = work.cache_counts() {
-        let v = format!("hits={hits} misses={misses}");
-        response.headers_mut().insert("x-lmgate-cache", http::HeaderValue::try_from(v).expect("ascii"));
-    }
-    Ok((response, usage))
+    Ok(parts.into_iter().flatten().collect())
 }
 
 type Sending<'a> = Pin<Box<dyn Future<Output = Result<Part, Error>> + Send + 'a>>;

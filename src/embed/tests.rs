@@ -171,6 +171,7 @@ fn parts_merge_in_the_client_s_order_whatever_order_they_list_their_items_in() {
         ask: Encoding::Float,
         cached: None,
         model: String::new(),
+        coalesce: false,
     };
     let (out, usage) = merge(&[one, two], &work, "c").unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -200,7 +201,13 @@ fn settings_are_checked_with_the_key_and_line() {
     assert!(e(&format!("{conn}encodings = []\n")).contains("at least one"));
     assert!(e(&format!("{conn}encodings = [\"float\"]\nupstream_encoding = \"base64\"\n")).contains("cannot return it"));
     assert!(e(&format!("{conn}queue_timeout_ms = 5\n")).contains("only used with `max_concurrent`"));
-    assert!(e(&format!("{conn}batch_window_us = 5\n")).contains("unknown field"));
+    assert!(e(&format!("{conn}batch_max_inputs = 5\n")).contains("only used with `batch_window_us` > 0"));
+    assert!(
+        e(&format!("{conn}batch_window_us = -1\n")).starts_with("connections.c.embeddings.batch_window_us (line 5)")
+    );
+    assert!(e(&format!("{conn}cache = true\n")).contains("unknown field"));
+    assert!(e("[embeddings_cache]\nmax_mb = 0\n").starts_with("embeddings_cache.max_mb (line 2)"));
+    assert!(e("[embeddings_cache]\nttl_secs = 0\n").starts_with("embeddings_cache.ttl_secs (line 2)"));
     let a =
         e("[connections.a]\napi_type = \"anthropic\"\napi_key = \"k\"\n[connections.a.embeddings]\nmax_inputs = 2\n");
     assert!(a.contains("not anthropic"), "{a}");

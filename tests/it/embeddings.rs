@@ -227,3 +227,58 @@ async fn with_the_cache_hits_and_misses_come_back_in_place_and_only_misses_go_up
     assert_eq!(r.status(), 200);
     assert_eq!(*batches.lock().unwrap(), [2]);
 }
+
+/// `n` concurrent single-input requests; their answers in order.
+async fn together(gw: &Gateway, texts: &[String]) -> Vec<(u16, Value)> {
+    let addr = gw.addr;
+    let tasks: Vec<_> = texts
+        .iter()
+        .map(|t| {
+            let req = json!({"model": "emb", "input": [t]}).to_string();
+            tokio::spawn(async move {
+                let r = exchange(addr, &post("/v1/embeddings", &[], &req)).await;
+                (r.status(), r.json())
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(within("a batched request", t).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn small_concurrent_requests_share_upstream_requests_and_each_gets_its_own_vectors() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let up = upstream(100, None, batches.clone()).await;
+    let gw = gateway(&up, "batch_window_us = 200000\nbatch_max_inputs = 8");
+    let texts: Vec<String> = (0..12).map(|i| format!("text number {i}")).collect();
+    let answers = together(&gw, &texts).await;
+    let mut prompt = 0;
+    for (t, (status, a)) in texts.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{a}");
+        let want: Vec<u32> = vector(&json!(t)).iter().map(|f| f.to_bits()).collect();
+        assert_eq!(bits(a), [want], "each caller gets its own vector");
+        prompt += a["usage"]["prompt_tokens"].as_u64().unwrap();
+    }
+    let sent = batches.lock().unwrap().clone();
+    assert!(sent.len() < texts.len() && sent.iter().all(|&b| b <= 8), "coalesced: {sent:?}");
+    assert_eq!(sent.iter().sum::<usize>(), 12);
+    assert_eq!(prompt, 24, "the callers' usage shares add up to the upstream's");
+
+    // Larger than a batch: not delayed, sent as it is.
+    batches.lock().unwrap().clear();
+    let big: Vec<String> = (0..9).map(|i| format!("big {i}")).collect();
+    let started = std::time::Instant::now();
+    let (status, _) = embed(&gw, &json!({"model": "emb", "input": big})).await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < Duration::from_millis(150), "{:?}", started.elapsed());
+    assert_eq!(*batches.lock().unwrap(), [9]);
+
+    // A failed batch fails every caller in it.
+    let texts: Vec<String> = ["one", "fail", "three"].map(String::from).to_vec();
+    for (status, a) in together(&gw, &texts).await {
+        assert_eq!(status, 400, "{a}");
+    }
+}
