@@ -9,10 +9,15 @@
 //! - [`snapshot`]: one configuration and the upstream transports built for it, swapped whole
 //!   ([`proxy::Proxy::reload`], driven by [`reload`]: SIGHUP, `--watch`); each request loads it
 //!   once. State that must survive a reload (the mock's cache, pooled targets' health, metric
-//!   cells, the request log's writer; later limits) is kept by name.
+//!   cells, the request log's writer, limit counters, the embeddings cache) is kept by name.
 //! - [`proxy`]: `Proxy::handle` and `Proxy::forward`, the whole request flow top to bottom:
 //!   authenticate → read the body → scan → route → the attempt loop → respond.
 //! - [`budget`]: the request-body bytes held across all requests (`max_buffered_request_mb`).
+//! - [`limit`]: rate limits (GCRA), concurrency and budgets of groups, keys and connections:
+//!   admitted between routing and the attempt loop, settled when the record is written; memory
+//!   or Redis (one Lua script per admission).
+//! - [`embed`]: embeddings inside one attempt: split over an upstream's limits and merged,
+//!   encodings converted, the per-input cache, micro-batching, the per-connection bound.
 //! - [`auth`]: virtual keys (hashed, constant-time) → the caller: group and a stable key id.
 //! - [`json`]: the non-allocating request scanner and splice points; usage extraction.
 //! - [`router`]: model patterns → a route: one target (connection + upstream model), or a pool
@@ -45,12 +50,8 @@
 //! - [`bench`]: `lmgate bench`, the load generator and latency meter (closed/open loop,
 //!   HDR percentiles, `--compare` against a direct upstream).
 //!
-//! Where the planned work plugs in: limits → one step between routing and the attempt loop, keyed by
-//! [`auth::KeyId`] and names, state outside the snapshot (budgets read the cost the record
-//! computes); a new provider → one file under [`provider`] and a
-//! variant; embeddings fan-out → several `prepare`/`send` per call inside one attempt;
-//! an Anthropic-shaped front door → an
-//! endpoint with its own [`error::Dialect`].
+//! Where the planned work plugs in: a new provider → one file under [`provider`] and a variant;
+//! an Anthropic-shaped front door → an endpoint with its own [`error::Dialect`].
 //!
 //! Guarantees: the client never chooses where we connect (upstreams come from config only); the
 //! client's credentials never go upstream and provider keys never reach a client, a log line or

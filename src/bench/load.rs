@@ -400,6 +400,9 @@ pub async fn run_load(load: &Load) -> Result<Report, String> {
         eprint!("\r{:80}\r", "");
     }
     report.target = load.url.clone();
+    if load.kind == Kind::Embeddings {
+        report.inputs = load.inputs.max(1) as u64;
+    }
     Ok(report)
 }
 

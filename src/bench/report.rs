@@ -57,6 +57,8 @@ pub struct Report {
     pub bytes: u64,
     /// Wall time of the measured phase.
     pub elapsed: Duration,
+    /// Embeddings: inputs per request (0 for other kinds).
+    pub inputs: u64,
 }
 
 impl Report {
@@ -75,6 +77,7 @@ impl Report {
             missed: 0,
             bytes: 0,
             elapsed: Duration::ZERO,
+            inputs: 0,
         }
     }
 
@@ -94,6 +97,7 @@ impl Report {
         self.missed += other.missed;
         self.bytes += other.bytes;
         self.elapsed = self.elapsed.max(other.elapsed);
+        self.inputs = self.inputs.max(other.inputs);
     }
 
     /// Requests that got an answer or failed (missed ones were never sent).
@@ -126,6 +130,7 @@ impl Report {
             ttft_us: (!self.ttft.is_empty()).then(|| Percentiles::of(&self.ttft)),
             gap_us: (!self.gap.is_empty()).then(|| Percentiles::of(&self.gap)),
             lateness_us: (!self.lateness.is_empty()).then(|| Percentiles::of(&self.lateness)),
+            ok_inputs_per_s: (self.inputs > 0).then(|| per_sec((self.ok * self.inputs) as f64)),
         }
     }
 }
@@ -203,6 +208,9 @@ pub struct Summary {
     pub gap_us: Option<Percentiles>,
     /// Open loop: how late sends left against the schedule.
     pub lateness_us: Option<Percentiles>,
+    /// Embeddings: inputs of successful requests per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ok_inputs_per_s: Option<f64>,
 }
 
 /// Open loop: a p99 send lateness above this means the generator did not keep its schedule
@@ -247,6 +255,9 @@ impl Summary {
             let _ = write!(out, " ({} transport)", self.transport_errors);
         }
         out.push('\n');
+        if let Some(inputs) = self.ok_inputs_per_s {
+            let _ = writeln!(out, "inputs       {inputs:.1} ok inputs/s");
+        }
         if self.missed > 0 {
             let _ = writeln!(out, "missed       {} (could not be sent on time: in-flight cap)", self.missed);
         }
