@@ -269,15 +269,16 @@ pub(crate) fn embed_input(body: &[u8], provider: &str) -> Result<EmbedInput, Err
 
 /// An OpenAI embeddings list (<https://platform.openai.com/docs/api-reference/embeddings/object>)
 /// of `vectors` for `model`: floats, or base64 of their little-endian float32 bytes (what
-/// `encoding_format: "base64"` returns); usage counts `prompt` tokens.
-pub(crate) fn embeddings_list(vectors: &[Vec<f32>], model: &str, prompt: u64, base64: bool) -> Vec<u8> {
-    use base64::Engine as _;
+/// `encoding_format: "base64"` returns), written by the one converter ([`crate::embed::encode`]);
+/// usage counts `prompt` tokens. `None` when a vector holds what JSON cannot carry (an infinity
+/// from a number beyond f32's range).
+pub(crate) fn embeddings_list(vectors: &[Vec<f32>], model: &str, prompt: u64, base64: bool) -> Option<Vec<u8>> {
+    use crate::embed::Encoding;
+    let to = if base64 { Encoding::Base64 } else { Encoding::Float };
     let dims: usize = vectors.iter().map(Vec::len).sum();
     let mut out = Vec::with_capacity(dims * if base64 { 6 } else { 12 } + 256);
     out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
     let mut bytes = Vec::new();
-    let mut text = String::new();
-    let mut number = ryu::Buffer::new();
     for (i, v) in vectors.iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -285,24 +286,9 @@ pub(crate) fn embeddings_list(vectors: &[Vec<f32>], model: &str, prompt: u64, ba
         out.extend_from_slice(b"{\"object\":\"embedding\",\"index\":");
         out.extend_from_slice(super::chunk::itoa(i as u64).as_bytes());
         out.extend_from_slice(b",\"embedding\":");
-        if base64 {
-            bytes.clear();
-            bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-            text.clear();
-            base64::engine::general_purpose::STANDARD.encode_string(&bytes, &mut text);
-            out.push(b'"');
-            out.extend_from_slice(text.as_bytes());
-            out.push(b'"');
-        } else {
-            out.push(b'[');
-            for (j, x) in v.iter().enumerate() {
-                if j > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(number.format_finite(*x).as_bytes());
-            }
-            out.push(b']');
-        }
+        bytes.clear();
+        bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        crate::embed::encode(&bytes, to, &mut out).ok()?;
         out.push(b'}');
     }
     out.extend_from_slice(b"],\"model\":");
@@ -312,5 +298,5 @@ pub(crate) fn embeddings_list(vectors: &[Vec<f32>], model: &str, prompt: u64, ba
     out.extend_from_slice(b",\"total_tokens\":");
     out.extend_from_slice(super::chunk::itoa(prompt).as_bytes());
     out.extend_from_slice(b"}}");
-    out
+    Some(out)
 }

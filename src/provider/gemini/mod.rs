@@ -337,7 +337,7 @@ pub fn embeddings(body: &[u8], model: &str, base64: bool) -> Option<(Vec<u8>, Us
     json::with_scratch(body, |scratch| {
         let a: EmbedAnswer = scratch.parse().ok()?;
         let vectors: Vec<Vec<f32>> = a.embeddings.into_iter().map(|e| e.values).collect();
-        Some((super::chat::embeddings_list(&vectors, model, 0, base64), Usage::default()))
+        Some((super::chat::embeddings_list(&vectors, model, 0, base64)?, Usage::default()))
     })
 }
 

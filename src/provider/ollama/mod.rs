@@ -203,7 +203,7 @@ pub fn embeddings(body: &[u8], model: &str, base64: bool) -> Option<(Vec<u8>, Us
     json::with_scratch(body, |scratch| {
         let a: EmbedAnswer = scratch.parse().ok()?;
         let prompt = a.prompt_eval_count.unwrap_or(0);
-        let out = super::chat::embeddings_list(&a.embeddings, model, prompt, base64);
+        let out = super::chat::embeddings_list(&a.embeddings, model, prompt, base64)?;
         Some((out, Usage { prompt, ..Usage::default() }))
     })
 }
