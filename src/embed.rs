@@ -568,6 +568,24 @@ pub fn part(body: bytes::Bytes, n: usize, connection: &str) -> Result<Part, Erro
             format!("Connection `{connection}` answered an embeddings request with {why}."),
         )
     };
+    if let Some(list) = quick(&body) {
+        let mut vectors: Vec<Option<Range<usize>>> = vec![None; n];
+        for (i, r) in list.items {
+            match vectors.get_mut(i as usize) {
+                Some(slot @ None) => *slot = Some(r),
+                _ => return Err(malformed("an index out of range or repeated")),
+            }
+        }
+        let vectors =
+            vectors.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| malformed("fewer vectors than inputs"))?;
+        let (prompt, total) = list
+            .usage
+            .and_then(|u| json::usage_object(&body[u]))
+            .map_or((0, 0), |u| (u.prompt, u.prompt + u.completion));
+        return Ok(Part { body, vectors, model: list.model, prompt, total });
+    }
+    // Anything unusual (escaped keys, a missing member, bad JSON) takes the validating reader,
+    // whose errors say what is wrong.
     let [data, model, usage] = json::checked_fields(&body, &[b"data", b"model", b"usage"])
         .map_err(|_| malformed("a body that is not a JSON object"))?;
     let data = data.ok_or_else(|| malformed("no `data`"))?;
@@ -602,6 +620,116 @@ pub fn part(body: bytes::Bytes, n: usize, connection: &str) -> Result<Part, Erro
     let (prompt, total) =
         usage.and_then(|u| json::usage_object(&body[u])).map_or((0, 0), |u| (u.prompt, u.prompt + u.completion));
     Ok(Part { body, vectors, model, prompt, total })
+}
+
+/// An embeddings list as [`quick`] reads it.
+#[derive(Default)]
+struct List {
+    /// Each item's `index` and the range of its `embedding`.
+    items: Vec<(u64, Range<usize>)>,
+    model: Option<Range<usize>>,
+    usage: Option<Range<usize>>,
+}
+
+/// Reads the usual shape of an embeddings list in one pass, at memchr speed over the vectors: a
+/// float vector is a flat array of numbers, which holds no `]`, and a base64 one a string
+/// without quotes or escapes. Vectors are not validated here (they are copied as they came, as
+/// passthrough forwards them, or parsed when converted). `None` for anything else (escaped keys,
+/// nested vectors, no `data`): the validating reader takes it.
+fn quick(b: &[u8]) -> Option<List> {
+    let ws = |mut i: usize| {
+        while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
+            i += 1;
+        }
+        i
+    };
+    // A key or short string token without escapes: its end.
+    let string = |i: usize| -> Option<usize> {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let len = memchr::memchr2(b'"', b'\\', &b[i + 1..])?;
+        (b[i + 1 + len] == b'"').then_some(i + len + 2)
+    };
+    let members = |mut i: usize, f: &mut dyn FnMut(&[u8], usize) -> Option<usize>| -> Option<usize> {
+        i = ws(i);
+        if b.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = ws(i + 1);
+        if b.get(i) == Some(&b'}') {
+            return Some(i + 1);
+        }
+        loop {
+            let end = string(i)?;
+            let key = &b[i + 1..end - 1];
+            i = ws(end);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i = f(key, ws(i + 1))?;
+            i = ws(i);
+            match b.get(i)? {
+                b',' => i = ws(i + 1),
+                b'}' => return Some(i + 1),
+                _ => return None,
+            }
+        }
+    };
+    let skip = |i: usize| json::value_end(b, i).ok();
+    let mut list = List::default();
+    let mut data = false;
+    let end = members(0, &mut |key, i| match key {
+        b"data" => {
+            data = true;
+            if b.get(i) != Some(&b'[') {
+                return None;
+            }
+            let mut i = ws(i + 1);
+            if b.get(i) == Some(&b']') {
+                return Some(i + 1);
+            }
+            loop {
+                let (mut index, mut vector) = (None, None);
+                i = members(i, &mut |key, i| match key {
+                    b"embedding" => {
+                        let end = match b.get(i)? {
+                            b'[' => i + memchr::memchr(b']', &b[i..])? + 1,
+                            b'"' => string(i)?,
+                            _ => return None,
+                        };
+                        vector = Some(i..end);
+                        Some(end)
+                    }
+                    b"index" => {
+                        let end = skip(i)?;
+                        index = Some(json::u64_of(&b[i..end])?);
+                        Some(end)
+                    }
+                    _ => skip(i),
+                })?;
+                list.items.push((index?, vector?));
+                i = ws(i);
+                match b.get(i)? {
+                    b',' => i = ws(i + 1),
+                    b']' => return Some(i + 1),
+                    _ => return None,
+                }
+            }
+        }
+        b"model" => {
+            let end = skip(i)?;
+            list.model = Some(i..end);
+            Some(end)
+        }
+        b"usage" => {
+            let end = skip(i)?;
+            list.usage = Some(i..end);
+            Some(end)
+        }
+        _ => skip(i),
+    })?;
+    (data && ws(end) == b.len()).then_some(list)
 }
 
 /// Reads one vector's JSON (`raw`, either encoding) into little-endian f32 bytes.

@@ -251,3 +251,64 @@ fn cached_vectors_fill_their_indexes_and_only_misses_go_upstream() {
     let fourth = plan(&s, all.as_bytes(), &scan(all), Some((&cache, "conn", "up-m"))).unwrap().unwrap();
     assert!(fourth.batches.is_empty() && fourth.cache_counts() == Some((2, 0)), "all hits: nothing goes upstream");
 }
+
+#[test]
+fn the_one_pass_reader_agrees_with_a_json_parser_on_random_lists() {
+    let mut rng = fastrand::Rng::with_seed(13);
+    let sp = |rng: &mut fastrand::Rng| [" ", "", "\n  ", "\t"][rng.usize(..4)];
+    for _ in 0..3000 {
+        let n = rng.usize(0..6);
+        let mut order: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut order);
+        let mut items = Vec::new();
+        let mut want = Vec::new();
+        for &i in &order {
+            let v: Vec<f32> = (0..rng.usize(1..5)).map(|_| f32::from_bits(rng.u32(..0x7f00_0000))).collect();
+            let emb = if rng.bool() {
+                serde_json::to_string(&v).unwrap()
+            } else {
+                format!(
+                    "\"{}\"",
+                    base64::engine::general_purpose::STANDARD
+                        .encode(v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>())
+                )
+            };
+            let mut members = vec![
+                format!("\"object\":{}\"embedding\"", sp(&mut rng)),
+                format!("\"index\":{}{i}", sp(&mut rng)),
+                format!("\"embedding\":{}{emb}", sp(&mut rng)),
+            ];
+            if rng.bool() {
+                members.push("\"extra\":{\"a\":[1,{\"b\":\"]\"}]}".into());
+            }
+            rng.shuffle(&mut members);
+            items.push(format!("{{{}}}", members.join(&format!(",{}", sp(&mut rng)))));
+            want.push((i as u64, emb));
+        }
+        let mut top = vec![
+            format!("\"data\":{}[{}]", sp(&mut rng), items.join(",")),
+            "\"model\":\"m\"".to_owned(),
+            "\"usage\":{\"prompt_tokens\":3,\"total_tokens\":3}".to_owned(),
+            "\"object\":\"list\"".to_owned(),
+        ];
+        rng.shuffle(&mut top);
+        let body = format!("{}{{{}}}{}", sp(&mut rng), top.join(","), sp(&mut rng));
+        serde_json::from_str::<serde_json::Value>(&body).expect("the test writes JSON");
+        let list = quick(body.as_bytes()).unwrap_or_else(|| panic!("{body}"));
+        let got: Vec<(u64, String)> = list.items.iter().map(|(i, r)| (*i, body[r.clone()].to_owned())).collect();
+        assert_eq!(got, want, "{body}");
+        assert_eq!(&body[list.model.unwrap()], "\"m\"");
+        let part = part(body.clone().into(), n, "c").unwrap();
+        assert_eq!(part.prompt, 3);
+    }
+    // The unusual goes to the validating reader.
+    for odd in [
+        r#"{"d\u0061ta":[]}"#,
+        r#"{"data":[{"index":0,"embedding":[[1]]}]}"#,
+        r#"{"data":[] "model":1}"#,
+        r#"{"model":"m"}"#,
+    ] {
+        assert!(quick(odd.as_bytes()).is_none(), "{odd}");
+    }
+    assert_eq!(part(r#"{"d\u0061ta":[{"index":0,"embedding":[1]}]}"#.into(), 1, "c").unwrap().vectors.len(), 1);
+}
