@@ -399,6 +399,9 @@ pub struct Work {
     pub model: String,
     /// Sent in a micro-batch with other requests of the same shape.
     pub coalesce: bool,
+    /// The client's members but `input` and `encoding_format`, each with its comma: the start of
+    /// every sub-request's body, written once.
+    pub head: Vec<u8>,
 }
 
 /// A request's view of the cache.
@@ -471,7 +474,8 @@ pub fn plan(
         return Ok(None);
     }
     let model = cache.map_or_else(String::new, |(_, _, m)| m.to_owned());
-    Ok(Some(Work { inputs, sent, batches, wanted, ask, cached, model, coalesce }))
+    let head = head(body, false);
+    Ok(Some(Work { inputs, sent, batches, wanted, ask, cached, model, coalesce, head }))
 }
 
 /// One sub-request's body: the client's members in their order, but `input` holding only the
@@ -480,16 +484,13 @@ pub fn sub_body(body: &[u8], work: &Work, batch: &Range<usize>) -> Vec<u8> {
     let items: Vec<&[u8]> = work.sent[batch.clone()].iter().map(|&i| &body[work.inputs.items[i].clone()]).collect();
     // A single token-id array is the whole `input` value: sent as it is.
     let whole = work.inputs.items.len() == 1 && is_ids(items[0]);
-    body_with(body, &items, whole, work.ask, false)
+    body_with(&work.head, &items, whole, work.ask)
 }
 
-/// `body`'s members but `input` and `encoding_format` (and `user`, for a batch of several
-/// clients' inputs), then `input` (`items` as an array, or the one item as the whole value) and
-/// `encoding_format` = `ask`.
-fn body_with(body: &[u8], items: &[&[u8]], whole: bool, ask: Encoding, drop_user: bool) -> Vec<u8> {
-    let size = items.iter().map(|r| r.len()).sum::<usize>() + items.len() + 256;
-    let mut out = Vec::with_capacity(size);
-    out.push(b'{');
+/// `{` and `body`'s members but `input` and `encoding_format` (and `user`, for a batch of
+/// several clients' inputs), each followed by a comma.
+fn head(body: &[u8], drop_user: bool) -> Vec<u8> {
+    let mut out = vec![b'{'];
     let _ = json::members(body, |k, v| {
         let name = json::unescaped_key::<24>(k);
         match name.as_ref().map(|n| n.as_slice()) {
@@ -503,6 +504,15 @@ fn body_with(body: &[u8], items: &[&[u8]], whole: bool, ask: Encoding, drop_user
         out.push(b',');
         true
     });
+    out
+}
+
+/// A body of `head`, then `input` (`items` as an array, or the one item as the whole value) and
+/// `encoding_format` = `ask`.
+fn body_with(head: &[u8], items: &[&[u8]], whole: bool, ask: Encoding) -> Vec<u8> {
+    let size = head.len() + items.iter().map(|r| r.len()).sum::<usize>() + items.len() + 64;
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(head);
     out.extend_from_slice(b"\"input\":");
     if !whole {
         out.push(b'[');
@@ -807,8 +817,9 @@ pub fn convert(raw: &[u8], to: Encoding, out: &mut Vec<u8>, scratch: &mut Vec<u8
 
 /// The merged list: every input's vector in the client's order (from the cache or from the
 /// parts, in order), in `to`, usage summed over the parts (the tokens actually sent). Vectors
-/// the parts brought are stored in the cache.
-pub fn merge(parts: &[Part], work: &Work, connection: &str) -> Result<(Vec<u8>, json::Usage), Error> {
+/// the parts brought are stored in the cache. The list is written as pieces: a vector already in
+/// the client's encoding is a slice of its part's body, not a copy.
+pub fn merge(parts: &[Part], work: &Work, connection: &str) -> Result<(Vec<bytes::Bytes>, json::Usage), Error> {
     let malformed = |why: &str| {
         Error::upstream_failure(
             Kind::UpstreamMalformed,
@@ -816,11 +827,11 @@ pub fn merge(parts: &[Part], work: &Work, connection: &str) -> Result<(Vec<u8>, 
         )
     };
     let to = work.wanted;
-    let size: usize = parts.iter().map(|p| p.body.len()).sum();
-    let mut out = Vec::with_capacity(if to == Encoding::Float { size + size / 2 } else { size } + 256);
+    let mut pieces = Vec::with_capacity(2 * work.inputs.items.len() + 2);
+    let mut out = Vec::with_capacity(64 * 1024);
     let mut scratch = Vec::new();
     out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
-    let mut fresh = parts.iter().flat_map(|p| p.vectors.iter().map(move |v| &p.body[v.clone()]));
+    let mut fresh = parts.iter().flat_map(|p| p.vectors.iter().map(move |v| (p, v)));
     for i in 0..work.inputs.items.len() {
         if i > 0 {
             out.push(b',');
@@ -832,14 +843,21 @@ pub fn merge(parts: &[Part], work: &Work, connection: &str) -> Result<(Vec<u8>, 
         match (hit, &work.cached) {
             (Some(bytes), _) => encode(&bytes, to, &mut out).map_err(malformed)?,
             (None, cached) => {
-                let raw = fresh.next().ok_or_else(|| malformed("fewer vectors than inputs"))?;
-                match cached {
-                    None => convert(raw, to, &mut out, &mut scratch).map_err(malformed)?,
-                    Some(c) => {
+                let (p, v) = fresh.next().ok_or_else(|| malformed("fewer vectors than inputs"))?;
+                let raw = &p.body[v.clone()];
+                let from = if raw.first() == Some(&b'"') { Encoding::Base64 } else { Encoding::Float };
+                if let Some(c) = cached {
+                    decode(raw, &mut scratch).map_err(malformed)?;
+                    c.cache.put(c.keys[i], Arc::from(&scratch[..]));
+                }
+                if from == to {
+                    pieces.push(bytes::Bytes::from(std::mem::replace(&mut out, Vec::with_capacity(64 * 1024))));
+                    pieces.push(p.body.slice(v.clone()));
+                } else {
+                    if cached.is_none() {
                         decode(raw, &mut scratch).map_err(malformed)?;
-                        encode(&scratch, to, &mut out).map_err(malformed)?;
-                        c.cache.put(c.keys[i], Arc::from(&scratch[..]));
                     }
+                    encode(&scratch, to, &mut out).map_err(malformed)?;
                 }
             }
         }
@@ -857,7 +875,8 @@ pub fn merge(parts: &[Part], work: &Work, connection: &str) -> Result<(Vec<u8>, 
     out.extend_from_slice(b",\"total_tokens\":");
     out.extend_from_slice(crate::provider::chunk::itoa(total).as_bytes());
     out.extend_from_slice(b"}}");
-    Ok((out, json::Usage { prompt, completion: total.saturating_sub(prompt), ..Default::default() }))
+    pieces.push(out.into());
+    Ok((pieces, json::Usage { prompt, completion: total.saturating_sub(prompt), ..Default::default() }))
 }
 
 /// Sends `work`'s sub-requests to `target` (each made by the connection's provider, as if the
@@ -875,10 +894,11 @@ pub async fn run(
             let key = shape(&conn.name, target.upstream_model(call.model), call.body, work.ask);
             let inputs = work.sent.iter().map(|&i| call.body.slice(work.inputs.items[i].clone())).collect();
             let tokens = work.sent.iter().map(|&i| work.inputs.tokens[i]).sum();
+            let head = head(call.body, true);
             let part = batcher
                 .join(key, inputs, tokens, |all| {
                     let items: Vec<&[u8]> = all.iter().map(|b| &b[..]).collect();
-                    let body = body_with(call.body, &items, false, work.ask, true);
+                    let body = body_with(&head, &items, false, work.ask);
                     send(conn, transport, call, target, body, all.len())
                 })
                 .await?;
@@ -886,8 +906,10 @@ pub async fn run(
         }
         _ => in_parallel(conn, transport, call, target, &work).await?,
     };
-    let (out, usage) = merge(&parts, &work, &conn.name)?;
-    let mut response = crate::provider::json_response(out);
+    let (pieces, usage) = merge(&parts, &work, &conn.name)?;
+    let mut response = Response::new(Body::chunks(pieces, Duration::ZERO));
+    let json = http::HeaderValue::from_static("application/json");
+    response.headers_mut().insert(http::header::CONTENT_TYPE, json);
     if let Some((hits, misses)) = work.cache_counts() {
         let v = format!("hits={hits} misses={misses}");
         response.headers_mut().insert("x-lmgate-cache", http::HeaderValue::try_from(v).expect("ascii"));

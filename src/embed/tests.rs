@@ -172,8 +172,10 @@ fn parts_merge_in_the_client_s_order_whatever_order_they_list_their_items_in() {
         cached: None,
         model: String::new(),
         coalesce: false,
+        head: b"{".to_vec(),
     };
     let (out, usage) = merge(&[one, two], &work, "c").unwrap();
+    let out = out.concat();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let got: Vec<(u64, f64)> = v["data"]
         .as_array()
@@ -232,6 +234,7 @@ fn cached_vectors_fill_their_indexes_and_only_misses_go_upstream() {
     );
     let part2 = part(answer(&[(0, "[4.0]")], 1), 1, "c").unwrap();
     let (out, usage) = merge(&[part2], &second, "c").unwrap();
+    let out = out.concat();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let got: Vec<f32> = v["data"]
         .as_array()
