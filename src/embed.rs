@@ -882,13 +882,8 @@ pub fn merge(parts: &[Part], work: &Work, connection: &str) -> Result<(Vec<bytes
 /// Sends `work`'s sub-requests to `target` (each made by the connection's provider, as if the
 /// client had sent it; at most `parallel` in flight, each holding an embeddings slot), and
 /// merges their answers. The first failure is the answer: nothing partial reaches the client.
-pub async fn run(
-    conn: &Connection,
-    transport: &Transport,
-    call: &Call<'_>,
-    target: &Target,
-    work: Work,
-) -> Result<(Response<Body>, json::Usage), Error> {
+pub async fn run(via: Via<'_, '_>, work: Work) -> Result<(Response<Body>, json::Usage), Error> {
+    let (conn, _, call, target, _) = via;
     let parts = match (&conn.embeddings.batcher, work.coalesce) {
         (Some(batcher), true) => {
             let key = shape(&conn.name, target.upstream_model(call.model), call.body, work.ask);
@@ -899,12 +894,13 @@ pub async fn run(
                 .join(key, inputs, tokens, |all| {
                     let items: Vec<&[u8]> = all.iter().map(|b| &b[..]).collect();
                     let body = body_with(&head, &items, false, work.ask);
-                    send(conn, transport, call, target, body, all.len())
+                    let tokens = (items.iter().map(|i| i.len()).sum::<usize>() as u64).div_ceil(4);
+                    send(via, body, all.len(), tokens)
                 })
                 .await?;
             vec![part]
         }
-        _ => in_parallel(conn, transport, call, target, &work).await?,
+        _ => in_parallel(via, &work).await?,
     };
     let (pieces, usage) = merge(&parts, &work, &conn.name)?;
     let mut response = Response::new(Body::chunks(pieces, Duration::ZERO));
@@ -918,13 +914,8 @@ pub async fn run(
 }
 
 /// `work`'s batches as sub-requests, at most `parallel` in flight; their parts in order.
-async fn in_parallel(
-    conn: &Connection,
-    transport: &Transport,
-    call: &Call<'_>,
-    target: &Target,
-    work: &Work,
-) -> Result<Vec<Part>, Error> {
+async fn in_parallel(via: Via<'_, '_>, work: &Work) -> Result<Vec<Part>, Error> {
+    let (conn, _, call, ..) = via;
     let n = work.batches.len();
     let mut parts: Vec<Option<Part>> = (0..n).map(|_| None).collect();
     let mut next = 0;
@@ -933,7 +924,8 @@ async fn in_parallel(
         while running.len() < conn.embeddings.parallel && next < n {
             let batch = &work.batches[next];
             let body = sub_body(call.body, work, batch);
-            running.push((next, Box::pin(send(conn, transport, call, target, body, batch.len()))));
+            let tokens = work.sent[batch.clone()].iter().map(|&i| work.inputs.tokens[i]).sum();
+            running.push((next, Box::pin(send(via, body, batch.len(), tokens))));
             next += 1;
         }
         let before = running.len();
@@ -962,14 +954,19 @@ type Sending<'a> = Pin<Box<dyn Future<Output = Result<Part, Error>> + Send + 'a>
 
 /// One sub-request: an embeddings slot, the provider's request for `body`, the answer read whole.
 async fn send(
-    conn: &Connection,
-    transport: &Transport,
-    call: &Call<'_>,
-    target: &Target,
+    (conn, transport, call, target, quota): Via<'_, '_>,
     body: Vec<u8>,
     n: usize,
+    tokens: u64,
 ) -> Result<Part, Error> {
     let _slot = conn.embeddings.slot(&conn.name).await?;
+    // Each upstream request admits against the connection's quota, settled with its usage.
+    let admission = match quota {
+        Some((limits, bound, id)) => {
+            limits.admit_connection(bound, id, crate::limit::Ask { tokens, cost: 0.0 }).await.map_err(|d| d.error())?
+        }
+        None => None,
+    };
     let fields = json::scan_request(&body)
         .map_err(|_| Error::invalid_request("The embeddings request could not be split.").param("input"))?;
     let body = bytes::Bytes::from(body);
@@ -980,11 +977,25 @@ async fn send(
     match conn.provider.classify(conn, head, &prepared.plan).await {
         Verdict::Success(head) => {
             let bytes = crate::provider::read_body(conn, head.into_body(), body_limit(n), deadline).await?;
-            part(bytes, n, &conn.name)
+            let part = part(bytes, n, &conn.name)?;
+            if let Some(a) = admission {
+                a.settle(Some(part.total), None);
+            }
+            Ok(part)
         }
         Verdict::Failure { error, .. } => Err(error),
     }
 }
+
+/// Where sub-requests go: the connection, its transport, the client's call, the target, and
+/// the connection's quota when it has one (limits, their bound scopes, the connection's id).
+pub type Via<'a, 'c> = (
+    &'a Connection,
+    &'a Transport,
+    &'a Call<'c>,
+    &'a Target,
+    Option<(&'a crate::limit::Limits, &'a crate::limit::Bound, usize)>,
+);
 
 #[cfg(test)]
 mod tests;

@@ -440,7 +440,10 @@ impl Proxy {
             },
         };
         // The upstream's quota: over it, the target is skipped as if it were cooling down.
-        let admission = if snap.limits.connection_limited(target.connection) {
+        // (Embeddings sent by embed.rs admit each of their upstream requests.)
+        let quota =
+            snap.limits.connection_limited(target.connection).then_some((limits, &snap.limits, target.connection));
+        let admission = if quota.is_some() && work.is_none() {
             match limits.admit_connection(&snap.limits, target.connection, estimate.on(conn)).await {
                 Ok(a) => a,
                 Err(denied) => return Outcome::Skip(denied.error()),
@@ -454,7 +457,7 @@ impl Proxy {
         let outcome = async move {
             let (Some(prepared), None) = (prepared, &work) else {
                 let work = work.expect("either prepared or work");
-                let (response, usage) = embed::run(conn, transport, &call, target, work).await?;
+                let (response, usage) = embed::run((conn, transport, &call, target, quota), work).await?;
                 return Ok(Outcome::Success((response, Some(usage), held)));
             };
             if call.api == Api::Embeddings {

@@ -282,3 +282,61 @@ async fn small_concurrent_requests_share_upstream_requests_and_each_gets_its_own
         assert_eq!(status, 400, "{a}");
     }
 }
+
+#[tokio::test]
+async fn random_arrivals_with_batching_the_cache_and_splitting_still_equal_a_direct_call() {
+    let mut rng = fastrand::Rng::with_seed(21);
+    for round in 0..4 {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let up = upstream(4, None, batches.clone()).await;
+        let gw = Gateway::start(&format!(
+            "[connections.e]\napi_type = \"openai\"\napi_base = \"http://{}/v1\"\napi_key = \"k\"\n\
+             [connections.e.embeddings]\nmax_inputs = 4\nbatch_window_us = {}\nbatch_max_inputs = 4\n\
+             [routing]\n\"*\" = \"e.*\"\n{}",
+            up.addr,
+            rng.u32(500..20_000),
+            if round % 2 == 0 { "[embeddings_cache]\nmax_mb = 1\n" } else { "" }
+        ));
+        let vocabulary: Vec<String> = (0..10).map(|i| format!("v{i}")).collect();
+        let addr = gw.addr;
+        let mut tasks = Vec::new();
+        for _ in 0..24 {
+            let inputs: Vec<Value> = (0..rng.usize(1..7)).map(|_| json!(vocabulary[rng.usize(..10)])).collect();
+            let base64 = rng.bool();
+            let delay = Duration::from_micros(rng.u64(0..30_000));
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut req = json!({"model": "emb", "input": inputs});
+                if base64 {
+                    req["encoding_format"] = json!("base64");
+                }
+                let r = exchange(addr, &post("/v1/embeddings", &[], &req.to_string())).await;
+                (inputs, r.status(), r.json())
+            }));
+        }
+        for t in tasks {
+            let (inputs, status, answer) = within("a request", t).await.unwrap();
+            assert_eq!(status, 200, "{answer}");
+            let want: Vec<Vec<u32>> = inputs.iter().map(|x| vector(x).iter().map(|f| f.to_bits()).collect()).collect();
+            assert_eq!(bits(&answer), want, "round {round}");
+        }
+        assert!(batches.lock().unwrap().iter().all(|&b| b <= 4));
+    }
+}
+
+#[tokio::test]
+async fn each_sub_request_counts_against_the_connection_s_quota() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let up = upstream(2, None, batches.clone()).await;
+    let gw = Gateway::start(&format!(
+        "[connections.e]\napi_type = \"openai\"\napi_base = \"http://{}/v1\"\napi_key = \"k\"\nrpm = 3\n\
+         [connections.e.embeddings]\nmax_inputs = 2\n[routing]\n\"*\" = \"e.*\"\n",
+        up.addr
+    ));
+    let (status, answer) = embed(&gw, &json!({"model": "emb", "input": ["a", "b", "c", "d", "e"]})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(batches.lock().unwrap().len(), 3);
+    let (status, answer) = embed(&gw, &json!({"model": "emb", "input": "f"})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (429, Some("rate_limit_exceeded")), "{answer}");
+    assert_eq!(batches.lock().unwrap().len(), 3, "the upstream was not asked");
+}
