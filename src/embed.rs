@@ -850,7 +850,9 @@ pub fn merge(parts: &[Part], work: &Work, connection: &str) -> Result<(Vec<bytes
                     decode(raw, &mut scratch).map_err(malformed)?;
                     c.cache.put(c.keys[i], Arc::from(&scratch[..]));
                 }
-                if from == to {
+                // With the cache, every vector is written from its f32 bits, so a later hit reads
+                // exactly as this miss did (an upstream may print more digits than the shortest).
+                if from == to && cached.is_none() {
                     pieces.push(bytes::Bytes::from(std::mem::replace(&mut out, Vec::with_capacity(64 * 1024))));
                     pieces.push(p.body.slice(v.clone()));
                 } else {
