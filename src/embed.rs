@@ -450,16 +450,7 @@ pub fn plan(
         Some((cache, connection, model)) => {
             // Every member but those that cannot change a vector (the model is the upstream's).
             let mut base = cache.base(connection, model);
-            let _ = json::members(body, |k, v| {
-                let name = json::unescaped_key::<24>(k);
-                if !matches!(
-                    name.as_ref().map(|n| n.as_slice()),
-                    Some(b"input" | b"encoding_format" | b"user" | b"model")
-                ) {
-                    base.member(k, &body[v]);
-                }
-                true
-            });
+            members_but(body, NOT_VECTOR, |k, v| base.member(k, v));
             let keys: Vec<cache::Key> = inputs.items.iter().map(|r| base.key(&body[r.clone()])).collect();
             let hits: Vec<Option<Arc<[u8]>>> = keys.iter().map(|k| cache.get(*k)).collect();
             let sent = (0..keys.len()).filter(|&i| hits[i].is_none()).collect();
@@ -491,21 +482,30 @@ pub fn sub_body(body: &[u8], work: &Work, batch: &Range<usize>) -> Vec<u8> {
 /// several clients' inputs), each followed by a comma.
 fn head(body: &[u8], drop_user: bool) -> Vec<u8> {
     let mut out = vec![b'{'];
-    let _ = json::members(body, |k, v| {
-        let name = json::unescaped_key::<24>(k);
-        match name.as_ref().map(|n| n.as_slice()) {
-            Some(b"input" | b"encoding_format") => return true,
-            Some(b"user") if drop_user => return true,
-            _ => {}
-        }
+    let skip: &[&[u8]] =
+        if drop_user { &[b"input", b"encoding_format", b"user"] } else { &[b"input", b"encoding_format"] };
+    members_but(body, skip, |k, v| {
         out.extend_from_slice(k);
         out.push(b':');
-        out.extend_from_slice(&body[v]);
+        out.extend_from_slice(v);
         out.push(b',');
-        true
     });
     out
 }
+
+/// Calls `f(raw_key, value)` for each member of `body` whose name is not in `skip`.
+fn members_but(body: &[u8], skip: &[&[u8]], mut f: impl FnMut(&[u8], &[u8])) {
+    let _ = json::members(body, |k, v| {
+        let name = json::unescaped_key::<24>(k);
+        if !name.as_ref().is_some_and(|n| skip.contains(&n.as_slice())) {
+            f(k, &body[v]);
+        }
+        true
+    });
+}
+
+/// The members that cannot change a vector (the model is keyed as the upstream's).
+const NOT_VECTOR: &[&[u8]] = &[b"input", b"encoding_format", b"user", b"model"];
 
 /// A body of `head`, then `input` (`items` as an array, or the one item as the whole value) and
 /// `encoding_format` = `ask`.
@@ -539,15 +539,11 @@ fn shape(connection: &str, model: &str, body: &[u8], ask: Encoding) -> Vec<u8> {
         key.extend_from_slice(&part.len().to_le_bytes());
         key.extend_from_slice(part);
     }
-    let _ = json::members(body, |k, v| {
-        let name = json::unescaped_key::<24>(k);
-        if !matches!(name.as_ref().map(|n| n.as_slice()), Some(b"input" | b"encoding_format" | b"user" | b"model")) {
-            for part in [k, &body[v]] {
-                key.extend_from_slice(&part.len().to_le_bytes());
-                key.extend_from_slice(part);
-            }
+    members_but(body, NOT_VECTOR, |k, v| {
+        for part in [k, v] {
+            key.extend_from_slice(&part.len().to_le_bytes());
+            key.extend_from_slice(part);
         }
-        true
     });
     key
 }

@@ -432,10 +432,11 @@ impl Proxy {
             }
             _ => None,
         };
+        // Either the provider's one request, or embed.rs's work.
         let prepared = match work {
-            Some(_) => None,
+            Some(work) => Err(work),
             None => match provider.prepare(conn, &call, target) {
-                Ok(p) => Some(p),
+                Ok(p) => Ok(p),
                 Err(e) => return Outcome::Skip(e),
             },
         };
@@ -443,7 +444,7 @@ impl Proxy {
         // (Embeddings sent by embed.rs admit each of their upstream requests.)
         let quota =
             snap.limits.connection_limited(target.connection).then_some((limits, &snap.limits, target.connection));
-        let admission = if quota.is_some() && work.is_none() {
+        let admission = if quota.is_some() && prepared.is_ok() {
             match limits.admit_connection(&snap.limits, target.connection, estimate.on(conn)).await {
                 Ok(a) => a,
                 Err(denied) => return Outcome::Skip(denied.error()),
@@ -455,10 +456,12 @@ impl Proxy {
         let mut held = Holding { in_flight: upstream.map(|u| u.start()), admission, slot: None };
         let sent = Instant::now();
         let outcome = async move {
-            let (Some(prepared), None) = (prepared, &work) else {
-                let work = work.expect("either prepared or work");
-                let (response, usage) = embed::run((conn, transport, &call, target, quota), work).await?;
-                return Ok(Outcome::Success((response, Some(usage), held)));
+            let prepared = match prepared {
+                Ok(p) => p,
+                Err(work) => {
+                    let (response, usage) = embed::run((conn, transport, &call, target, quota), work).await?;
+                    return Ok(Outcome::Success((response, Some(usage), held)));
+                }
             };
             if call.api == Api::Embeddings {
                 held.slot = conn.embeddings.slot(&conn.name).await?;

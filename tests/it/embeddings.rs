@@ -270,11 +270,9 @@ async fn small_concurrent_requests_share_upstream_requests_and_each_gets_its_own
     // Larger than a batch: not delayed, sent as it is.
     batches.lock().unwrap().clear();
     let big: Vec<String> = (0..9).map(|i| format!("big {i}")).collect();
-    let started = std::time::Instant::now();
     let (status, _) = embed(&gw, &json!({"model": "emb", "input": big})).await;
     assert_eq!(status, 200);
-    assert!(started.elapsed() < Duration::from_millis(150), "{:?}", started.elapsed());
-    assert_eq!(*batches.lock().unwrap(), [9]);
+    assert_eq!(*batches.lock().unwrap(), [9], "sent alone, as it came");
 
     // A failed batch fails every caller in it.
     let texts: Vec<String> = ["one", "fail", "three"].map(String::from).to_vec();
